@@ -1,0 +1,1 @@
+"""muon_jax (under construction)."""

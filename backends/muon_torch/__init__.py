@@ -1,0 +1,1 @@
+"""muon_torch (under construction)."""

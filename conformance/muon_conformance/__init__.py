@@ -1,0 +1,1 @@
+"""muon_conformance (under construction)."""

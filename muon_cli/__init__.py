@@ -1,0 +1,1 @@
+"""muon_cli (under construction)."""

@@ -1,0 +1,259 @@
+"""MuonConfig: one frozen, validated, serialisable configuration for every backend."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from muon_core._toml import dumps_toml
+
+ALGORITHMS = ("muon", "adamw")
+MOMENTUM_KINDS = ("ema", "sum")
+LR_SCALINGS = ("original", "match_rms_adamw", "spectral", "none")
+NS_DTYPES = ("bfloat16", "float32", "float64")
+NONFINITE_POLICIES = ("raise", "skip")
+LAYOUTS = ("out_in", "in_out")
+
+
+def _fail(key: str, value: Any, expected: str) -> None:
+    raise ValueError(f"{key}={value!r} is invalid: expected {expected}")
+
+
+def _check_choice(key: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        _fail(key, value, f"one of {list(choices)}")
+
+
+def _check_number(key: str, value: Any, *, low: float, high: float = math.inf,
+                  low_open: bool = False, high_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        _fail(key, value, "a finite number")
+    below = value <= low if low_open else value < low
+    above = value >= high if high_open else value > high
+    if below or above:
+        left, right = ("(" if low_open else "["), (")" if high_open else "]")
+        _fail(key, value, f"a number in {left}{low}, {high}{right}")
+
+
+def _unknown_keys(cls: type, data: Mapping[str, Any]) -> None:
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} key(s) {unknown}: allowed keys are {allowed}")
+
+
+def _as_int_tuple(key: str, value: Any) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,)
+    if not isinstance(value, Sequence) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        _fail(key, value, "an int or a sequence of ints")
+    return tuple(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdamWConfig:
+    """Hyper-parameters of the AdamW part (parameters the plan does not route to Muon)."""
+
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "betas", tuple(self.betas))
+        _check_number("adamw.lr", self.lr, low=0.0)
+        if len(self.betas) != 2:
+            _fail("adamw.betas", self.betas, "two numbers (beta1, beta2)")
+        for i, beta in enumerate(self.betas):
+            _check_number(f"adamw.betas[{i}]", beta, low=0.0, high=1.0, high_open=True)
+        _check_number("adamw.eps", self.eps, low=0.0, low_open=True)
+        _check_number("adamw.weight_decay", self.weight_decay, low=0.0)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AdamWConfig:
+        """Build from a mapping, rejecting unknown keys."""
+        _unknown_keys(cls, data)
+        return cls(**data)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """A routing rule: parameters whose name matches `match` (fnmatch glob) and, when
+    given, whose `ndim`/`shape` agree, get the listed decisions.
+
+    `algorithm` is "muon" or "adamw"; `split` gives row-block sizes along the output
+    dimension (fused QKV, GQA); `out_axes`/`in_axes` are explicit dimension numbers
+    (the remaining axes are batch axes, each slice orthogonalized alone).
+    """
+
+    match: str = "*"
+    algorithm: str | None = None
+    ndim: int | None = None
+    shape: tuple[int, ...] | None = None
+    split: tuple[int, ...] | None = None
+    out_axes: tuple[int, ...] | None = None
+    in_axes: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.match, str) or not self.match:
+            _fail("rule.match", self.match, "a non-empty glob string")
+        if self.algorithm is not None:
+            _check_choice("rule.algorithm", self.algorithm, ALGORITHMS)
+        if self.ndim is not None and (not isinstance(self.ndim, int) or self.ndim < 0):
+            _fail("rule.ndim", self.ndim, "a non-negative int")
+        for key in ("shape", "split", "out_axes", "in_axes"):
+            object.__setattr__(self, key, _as_int_tuple(f"rule.{key}", getattr(self, key)))
+        if self.split is not None and any(s <= 0 for s in self.split):
+            _fail("rule.split", self.split, "positive block sizes")
+        if (self.out_axes is None) != (self.in_axes is None):
+            _fail("rule.out_axes/in_axes", (self.out_axes, self.in_axes), "both given or neither")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Rule:
+        """Build from a mapping, rejecting unknown keys."""
+        _unknown_keys(cls, data)
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The non-default fields, as plain Python values."""
+        return {k: (list(v) if isinstance(v, tuple) else v)
+                for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+def _normalise_coefficients(value: Any) -> str | tuple[tuple[float, float, float], ...]:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Sequence) and len(value) == 3 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return (tuple(float(v) for v in value),)
+    if isinstance(value, Sequence) and value and all(
+            isinstance(t, Sequence) and len(t) == 3 for t in value):
+        return tuple(tuple(float(v) for v in t) for t in value)
+    _fail("ns_coefficients", value, "a preset name, an (a, b, c) tuple or a list of them")
+
+
+@dataclasses.dataclass(frozen=True)
+class MuonConfig:
+    """Every hyper-parameter of the optimizer: Muon for hidden matrices, AdamW for the rest.
+
+    Defaults match `torch.optim.Muon`. Names follow torch.optim where it has one.
+    """
+
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    momentum: float = 0.95
+    nesterov: bool = True
+    momentum_kind: str = "ema"
+    ns_steps: int = 5
+    ns_coefficients: Any = "keller"
+    eps: float = 1e-7
+    ns_dtype: str = "bfloat16"
+    lr_scaling: str = "original"
+    split_qkv: bool = True
+    nonfinite: str = "raise"
+    rules: tuple[Rule, ...] = ()
+    adamw: AdamWConfig = AdamWConfig()
+
+    def __post_init__(self) -> None:
+        _check_number("lr", self.lr, low=0.0)
+        _check_number("weight_decay", self.weight_decay, low=0.0)
+        _check_number("momentum", self.momentum, low=0.0, high=1.0, high_open=True)
+        _check_number("eps", self.eps, low=0.0, low_open=True)
+        for key in ("nesterov", "split_qkv"):
+            if not isinstance(getattr(self, key), bool):
+                _fail(key, getattr(self, key), "True or False")
+        if isinstance(self.ns_steps, bool) or not isinstance(self.ns_steps, int) \
+                or not 1 <= self.ns_steps <= 100:
+            _fail("ns_steps", self.ns_steps, "an int in [1, 100]")
+        _check_choice("momentum_kind", self.momentum_kind, MOMENTUM_KINDS)
+        _check_choice("ns_dtype", self.ns_dtype, NS_DTYPES)
+        _check_choice("lr_scaling", self.lr_scaling, LR_SCALINGS)
+        _check_choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
+        object.__setattr__(self, "ns_coefficients", _normalise_coefficients(self.ns_coefficients))
+        from muon_core._ns import ns_schedule  # validates preset names and lengths
+        ns_schedule(self.ns_coefficients, self.ns_steps)
+        adamw = self.adamw
+        if isinstance(adamw, Mapping):
+            adamw = AdamWConfig.from_dict(adamw)
+        if not isinstance(adamw, AdamWConfig):
+            _fail("adamw", adamw, "an AdamWConfig or a mapping")
+        object.__setattr__(self, "adamw", adamw)
+        rules = tuple(Rule.from_dict(r) if isinstance(r, Mapping) else r for r in self.rules)
+        for i, rule in enumerate(rules):
+            if not isinstance(rule, Rule):
+                _fail(f"rules[{i}]", rule, "a Rule or a mapping")
+        object.__setattr__(self, "rules", rules)
+
+    # -- presets ---------------------------------------------------------------
+    @classmethod
+    def moonlight(cls, lr: float = 3e-4, weight_decay: float = 0.1, **overrides: Any) -> MuonConfig:
+        """Moonlight's recipe: `match_rms_adamw` scaling, so Muon and AdamW share one lr and wd."""
+        adamw = AdamWConfig(lr=lr, weight_decay=weight_decay, **overrides.pop("adamw", {}))
+        return cls(lr=lr, weight_decay=weight_decay, lr_scaling="match_rms_adamw",
+                   adamw=adamw, **overrides)
+
+    # -- serialisation ---------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python values (lists, not tuples) that `from_dict` reads back."""
+        out: dict[str, Any] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name == "adamw":
+                value = {"lr": value.lr, "betas": list(value.betas), "eps": value.eps,
+                         "weight_decay": value.weight_decay}
+            elif field.name == "rules":
+                value = [rule.to_dict() for rule in value]
+            elif field.name == "ns_coefficients" and not isinstance(value, str):
+                value = [list(t) for t in value]
+            out[field.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MuonConfig:
+        """Build from a mapping (as written by `to_dict`), rejecting unknown keys."""
+        if not isinstance(data, Mapping):
+            _fail("config", data, "a mapping")
+        _unknown_keys(cls, data)
+        return cls(**data)
+
+    def to_json(self) -> str:
+        """JSON text."""
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> MuonConfig:
+        """Read JSON text."""
+        return cls.from_dict(json.loads(text))
+
+    def to_toml(self) -> str:
+        """TOML text."""
+        return dumps_toml(self.to_dict())
+
+    @classmethod
+    def from_toml(cls, text: str) -> MuonConfig:
+        """Read TOML text; a `[muon]` table is used when present (so it can live in a larger file)."""
+        data = tomllib.loads(text)
+        return cls.from_dict(data.get("muon", data))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> MuonConfig:
+        """Read a `.toml` or `.json` file."""
+        path = Path(path)
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".toml":
+            return cls.from_toml(text)
+        if path.suffix == ".json":
+            return cls.from_json(text)
+        _fail("path", str(path), "a file ending in .toml or .json")
+
+    def replace(self, **changes: Any) -> MuonConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)

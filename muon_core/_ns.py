@@ -1,0 +1,133 @@
+"""Newton-Schulz orthogonalization on any Array API array."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+from array_api_compat import array_namespace
+
+KELLER = (3.4445, -4.7750, 2.0315)
+# You Jiacheng's per-iteration quintic schedule.
+QUINTIC = (
+    (4.0848, -6.8946, 2.9270),
+    (3.9505, -6.3029, 2.6377),
+    (3.7418, -5.5913, 2.3037),
+    (2.8769, -3.1427, 1.2046),
+    (2.8366, -3.0525, 1.2012),
+)
+# Polar Express (Amsel et al., 2025), raw optimal coefficients; later steps use the limit.
+POLAR_EXPRESS_RAW = (
+    (8.28721201814563, -23.595886519098837, 17.300387312530933),
+    (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+    (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+    (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+    (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+)
+POLAR_EXPRESS_LIMIT = (1.875, -1.25, 0.375)
+# The safe variant trades a little speed for headroom against round-off in low precision.
+POLAR_EXPRESS_SAFETY = 1.01
+PRESETS = ("keller", "quintic", "polar_express", "polar_express_raw")
+
+
+class NSSchedule(NamedTuple):
+    """Coefficients `(a, b, c)` of each iteration and the factor applied to the Frobenius norm."""
+
+    coefficients: tuple[tuple[float, float, float], ...]
+    norm_scale: float = 1.0
+
+
+def _extend(schedule: Sequence[tuple[float, float, float]], steps: int,
+            tail: tuple[float, float, float]) -> tuple[tuple[float, float, float], ...]:
+    schedule = tuple(tuple(map(float, t)) for t in schedule)
+    return schedule[:steps] + (tuple(map(float, tail)),) * max(0, steps - len(schedule))
+
+
+def ns_schedule(coefficients: Any = "keller", steps: int = 5) -> NSSchedule:
+    """Resolve a preset name, an `(a, b, c)` tuple or a list of tuples into `steps` iterations.
+
+    A schedule shorter than `steps` repeats its last entry (Polar Express: its limit).
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"ns_steps={steps!r} is invalid: expected a positive int")
+    if isinstance(coefficients, str):
+        if coefficients == "keller":
+            return NSSchedule(_extend((KELLER,), steps, KELLER))
+        if coefficients == "quintic":
+            return NSSchedule(_extend(QUINTIC, steps, QUINTIC[-1]))
+        if coefficients == "polar_express_raw":
+            return NSSchedule(_extend(POLAR_EXPRESS_RAW, steps, POLAR_EXPRESS_LIMIT))
+        if coefficients == "polar_express":
+            s = POLAR_EXPRESS_SAFETY
+            raw = _extend(POLAR_EXPRESS_RAW, steps, POLAR_EXPRESS_LIMIT)
+            return NSSchedule(tuple((a / s, b / s**3, c / s**5) for a, b, c in raw), s)
+        raise ValueError(f"ns_coefficients={coefficients!r} is invalid: expected one of "
+                         f"{list(PRESETS)}, an (a, b, c) tuple or a list of them")
+    if isinstance(coefficients, Sequence) and len(coefficients) == 3 and all(
+            isinstance(v, (int, float)) for v in coefficients):
+        coefficients = (tuple(coefficients),)
+    if not (isinstance(coefficients, Sequence) and coefficients and all(
+            isinstance(t, Sequence) and len(t) == 3 for t in coefficients)):
+        raise ValueError(f"ns_coefficients={coefficients!r} is invalid: expected one of "
+                         f"{list(PRESETS)}, an (a, b, c) tuple or a list of them")
+    for t in coefficients:
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in t):
+            raise ValueError(f"ns_coefficients entry {t!r} is invalid: expected finite numbers")
+    return NSSchedule(_extend(coefficients, steps, coefficients[-1]))
+
+
+def _matrix_transpose(x: Any, xp: Any) -> Any:
+    return xp.matrix_transpose(x) if hasattr(xp, "matrix_transpose") else xp.swapaxes(x, -1, -2)
+
+
+def _frobenius_norm(x: Any, xp: Any) -> Any:
+    """Norm over the last two axes, accumulated in float64 where the namespace has it."""
+    wide = getattr(xp, "float64", None)
+    acc = x if wide is None else xp.astype(x, wide)
+    norm = xp.sqrt(xp.sum(acc * acc, axis=(-2, -1), keepdims=True))
+    return xp.astype(norm, x.dtype)
+
+
+def _newton_schulz(x: Any, schedule: NSSchedule, eps: float, *, xp: Any) -> Any:
+    tall = x.shape[-2] > x.shape[-1]
+    if tall:
+        x = _matrix_transpose(x, xp)
+    norm = _frobenius_norm(x, xp) * schedule.norm_scale
+    x = x / xp.maximum(norm, xp.asarray(eps, dtype=x.dtype))
+    for a, b, c in schedule.coefficients:
+        gram = x @ _matrix_transpose(x, xp)
+        poly = b * gram + c * (gram @ gram)
+        x = a * x + poly @ x
+    return _matrix_transpose(x, xp) if tall else x
+
+
+def resolve_dtype(name: str, xp: Any) -> Any:
+    """The namespace's dtype called `name`; float32 where it has no bfloat16 (numpy)."""
+    dtype = getattr(xp, name, None)
+    if dtype is None and name == "bfloat16":
+        dtype = xp.float32
+    if dtype is None:
+        raise ValueError(f"ns_dtype={name!r} is not available in {xp.__name__}")
+    return dtype
+
+
+def orthogonalize(G: Any, steps: int = 5, coefficients: Any = "keller", eps: float = 1e-7,
+                  dtype: str | None = None) -> Any:
+    """Approximate the orthogonal polar factor `U V^T` of `G = U S V^T` by Newton-Schulz.
+
+    `G` is any Array API array with shape `(..., m, n)`; leading axes are a batch. The
+    input is normalised by its Frobenius norm (at least `eps`), transposed so that rows <= cols
+    and back, and iterated `X <- a X + (b A + c A^2) X` with `A = X X^T`. `dtype` names the
+    working precision ("bfloat16", "float32", "float64"; default: the input's); the result
+    has the input's dtype. The input is never modified.
+    """
+    xp = array_namespace(G)
+    if G.ndim < 2:
+        raise ValueError(f"orthogonalize needs a matrix or a batch of matrices, got {G.ndim=} "
+                         f"with shape {tuple(G.shape)}")
+    if not xp.isdtype(G.dtype, "real floating"):
+        raise TypeError(f"orthogonalize needs a real floating array, got {G.dtype=}")
+    schedule = ns_schedule(coefficients, steps)
+    work = G if dtype is None else xp.astype(G, resolve_dtype(dtype, xp))
+    return xp.astype(_newton_schulz(work, schedule, eps, xp=xp), G.dtype)

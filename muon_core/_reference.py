@@ -1,0 +1,149 @@
+"""The reference step: the whole optimizer as a pure function on Array API arrays.
+
+It is the executable specification that every backend is checked against; it favours
+clarity over speed and never modifies its inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from array_api_compat import array_namespace
+
+from muon_core._config import MuonConfig
+from muon_core._ns import _newton_schulz, ns_schedule, resolve_dtype
+from muon_core._plan import ParamPlan, Plan, plan as make_plan
+
+State = dict[str, dict[str, Any]]
+
+
+def _shape_text(x: Any) -> str:
+    return "x".join(map(str, x.shape)) or "scalar"
+
+
+def check_gradients(params: Mapping[str, Any], grads: Mapping[str, Any]) -> list[str]:
+    """Validate names and shapes; return the names whose gradient has NaN or Inf."""
+    bad = []
+    for name, grad in grads.items():
+        if grad is None:
+            continue
+        if name not in params:
+            raise KeyError(f"gradient for {name!r} has no matching parameter")
+        param = params[name]
+        if tuple(grad.shape) != tuple(param.shape):
+            raise ValueError(f"gradient of {name!r} has shape {tuple(grad.shape)}, "
+                             f"expected the parameter's shape {tuple(param.shape)}")
+        xp = array_namespace(grad)
+        if not bool(xp.all(xp.isfinite(grad))):
+            bad.append(name)
+    return bad
+
+
+def nonfinite_message(names: list[str], shapes: Mapping[str, Any]) -> str:
+    """The error text for gradients with NaN or Inf (shared by every backend)."""
+    listed = ", ".join(f"{n!r} ({'x'.join(map(str, shapes[n])) or 'scalar'})" for n in names)
+    return (f"non-finite gradient (NaN or Inf) in {listed}; nothing was updated. "
+            "Set nonfinite='skip' in the config to skip such steps instead")
+
+
+def init_state(params: Mapping[str, Any], plan: Plan) -> State:
+    """Zero state for every parameter: `momentum_buffer` for Muon, AdamW moments and step else."""
+    state: State = {}
+    for entry in plan:
+        p = params[entry.name]
+        xp = array_namespace(p)
+        if entry.is_muon:
+            state[entry.name] = {"momentum_buffer": xp.zeros_like(p)}
+        else:
+            state[entry.name] = {"step": 0, "exp_avg": xp.zeros_like(p),
+                                 "exp_avg_sq": xp.zeros_like(p)}
+    return state
+
+
+def momentum_update(grad: Any, buf: Any, config: MuonConfig) -> tuple[Any, Any]:
+    """Return (direction to orthogonalize, new momentum buffer).
+
+    EMA: `m = beta m + (1 - beta) g`; sum: `m = beta m + g`. Nesterov looks one step ahead:
+    EMA `u = (1 - beta) g + beta m`, sum `u = g + beta m`; without it `u = m`.
+    """
+    beta = config.momentum
+    g_weight = 1.0 - beta if config.momentum_kind == "ema" else 1.0
+    new_buf = beta * buf + g_weight * grad
+    direction = g_weight * grad + beta * new_buf if config.nesterov else new_buf
+    return direction, new_buf
+
+
+def to_matrices(x: Any, entry: ParamPlan, *, xp: Any = None) -> Any:
+    """View a parameter-shaped array as the plan's `(batch, rows, cols)` matrices."""
+    xp = xp or array_namespace(x)
+    return xp.reshape(xp.permute_dims(x, entry.perm), entry.matrix_shape)
+
+
+def from_matrices(m: Any, entry: ParamPlan, *, xp: Any = None) -> Any:
+    """Undo `to_matrices`."""
+    xp = xp or array_namespace(m)
+    return xp.permute_dims(xp.reshape(m, entry.permuted_shape), entry.inverse_perm)
+
+
+def muon_update(direction: Any, entry: ParamPlan, config: MuonConfig) -> Any:
+    """Orthogonalize each block of the matrix view and multiply by its LR scale."""
+    xp = array_namespace(direction)
+    schedule = ns_schedule(config.ns_coefficients, config.ns_steps)
+    work = to_matrices(xp.astype(direction, resolve_dtype(config.ns_dtype, xp)), entry, xp=xp)
+    pieces = []
+    for start, rows, scale in zip(entry.block_offsets, entry.blocks, entry.lr_scales):
+        block = _newton_schulz(work[:, start:start + rows, :], schedule, config.eps, xp=xp)
+        pieces.append(xp.astype(block, direction.dtype) * scale)
+    return from_matrices(xp.concat(pieces, axis=1), entry, xp=xp)
+
+
+def _muon_param(p: Any, g: Any, st: dict, entry: ParamPlan, config: MuonConfig):
+    direction, buf = momentum_update(g, st["momentum_buffer"], config)
+    update = muon_update(direction, entry, config)
+    new_p = p * (1.0 - config.lr * config.weight_decay) - config.lr * update
+    return new_p, {"momentum_buffer": buf}
+
+
+def _adamw_param(p: Any, g: Any, st: dict, config: MuonConfig):
+    xp = array_namespace(p)
+    hp = config.adamw
+    beta1, beta2 = hp.betas
+    step = st["step"] + 1
+    exp_avg = beta1 * st["exp_avg"] + (1.0 - beta1) * g
+    exp_avg_sq = beta2 * st["exp_avg_sq"] + (1.0 - beta2) * (g * g)
+    step_size = hp.lr / (1.0 - beta1**step)
+    denom = xp.sqrt(exp_avg_sq) / math.sqrt(1.0 - beta2**step) + hp.eps
+    new_p = p * (1.0 - hp.lr * hp.weight_decay) - step_size * (exp_avg / denom)
+    return new_p, {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+
+
+def reference_step(params: Mapping[str, Any], grads: Mapping[str, Any], state: State | None,
+                   config: MuonConfig, plan: Plan | None = None) -> tuple[dict, State]:
+    """One optimizer step: `(params, grads, state, config) -> (new params, new state)`.
+
+    Muon parameters: momentum, Newton-Schulz per block in `config.ns_dtype` (float32 where the
+    namespace has no bfloat16), then `p <- p (1 - lr wd) - lr * scale * O`. AdamW parameters:
+    torch's AdamW with decoupled decay. A parameter whose gradient is None is left alone.
+    Non-finite gradients raise (or, with `nonfinite="skip"`, return the inputs unchanged).
+    """
+    plan = plan or make_plan({n: tuple(p.shape) for n, p in params.items()}, config)
+    bad = check_gradients(params, grads)
+    if bad and config.nonfinite == "raise":
+        raise FloatingPointError(nonfinite_message(bad, {n: params[n].shape for n in bad}))
+    if bad:
+        return dict(params), dict(state or {})
+    fresh = init_state(params, plan)
+    state = {**fresh, **(state or {})}
+    new_params, new_state = dict(params), dict(state)
+    for entry in plan:
+        grad = grads.get(entry.name)
+        if grad is None:
+            continue
+        p, st = params[entry.name], state[entry.name]
+        if entry.is_muon:
+            new_params[entry.name], new_state[entry.name] = _muon_param(p, grad, st, entry, config)
+        else:
+            new_params[entry.name], new_state[entry.name] = _adamw_param(p, grad, st, config)
+    return new_params, new_state
