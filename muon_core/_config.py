@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from muon_core._ns import normalise_coefficients, ns_schedule
 from muon_core._toml import dumps_toml
 
 ALGORITHMS = ("muon", "adamw")
@@ -128,18 +129,6 @@ class Rule:
                 for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
-def _normalise_coefficients(value: Any) -> str | tuple[tuple[float, float, float], ...]:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, Sequence) and len(value) == 3 and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-        return (tuple(float(v) for v in value),)
-    if isinstance(value, Sequence) and value and all(
-            isinstance(t, Sequence) and len(t) == 3 for t in value):
-        return tuple(tuple(float(v) for v in t) for t in value)
-    _fail("ns_coefficients", value, "a preset name, an (a, b, c) tuple or a list of them")
-
-
 @dataclasses.dataclass(frozen=True)
 class MuonConfig:
     """Every hyper-parameter of the optimizer: Muon for hidden matrices, AdamW for the rest.
@@ -177,9 +166,8 @@ class MuonConfig:
         _check_choice("ns_dtype", self.ns_dtype, NS_DTYPES)
         _check_choice("lr_scaling", self.lr_scaling, LR_SCALINGS)
         _check_choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
-        object.__setattr__(self, "ns_coefficients", _normalise_coefficients(self.ns_coefficients))
-        from muon_core._ns import ns_schedule  # validates preset names and lengths
-        ns_schedule(self.ns_coefficients, self.ns_steps)
+        object.__setattr__(self, "ns_coefficients", normalise_coefficients(self.ns_coefficients))
+        ns_schedule(self.ns_coefficients, self.ns_steps)  # rejects unknown preset names
         adamw = self.adamw
         if isinstance(adamw, Mapping):
             adamw = AdamWConfig.from_dict(adamw)
@@ -247,12 +235,10 @@ class MuonConfig:
     def from_file(cls, path: str | Path) -> MuonConfig:
         """Read a `.toml` or `.json` file."""
         path = Path(path)
-        text = path.read_text(encoding="utf-8")
-        if path.suffix == ".toml":
-            return cls.from_toml(text)
-        if path.suffix == ".json":
-            return cls.from_json(text)
-        _fail("path", str(path), "a file ending in .toml or .json")
+        readers = {".toml": cls.from_toml, ".json": cls.from_json}
+        if path.suffix not in readers:
+            _fail("path", str(path), "a file ending in .toml or .json")
+        return readers[path.suffix](path.read_text(encoding="utf-8"))
 
     def replace(self, **changes: Any) -> MuonConfig:
         """A copy with some fields changed (validated again)."""

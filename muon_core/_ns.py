@@ -44,6 +44,23 @@ def _extend(schedule: Sequence[tuple[float, float, float]], steps: int,
     return schedule[:steps] + (tuple(map(float, tail)),) * max(0, steps - len(schedule))
 
 
+def normalise_coefficients(value: Any) -> str | tuple[tuple[float, float, float], ...]:
+    """A preset name as is; an `(a, b, c)` tuple or a list of them as a tuple of float triples."""
+    if isinstance(value, str):
+        return value
+    number = (int, float)
+    if isinstance(value, Sequence) and len(value) == 3 and all(
+            isinstance(v, number) and not isinstance(v, bool) for v in value):
+        value = (value,)
+    if isinstance(value, Sequence) and value and all(
+            isinstance(t, Sequence) and len(t) == 3 and all(
+                isinstance(v, number) and not isinstance(v, bool) and math.isfinite(v) for v in t)
+            for t in value):
+        return tuple(tuple(float(v) for v in t) for t in value)
+    raise ValueError(f"ns_coefficients={value!r} is invalid: expected one of {list(PRESETS)}, "
+                     "an (a, b, c) tuple of finite numbers or a list of them")
+
+
 def ns_schedule(coefficients: Any = "keller", steps: int = 5) -> NSSchedule:
     """Resolve a preset name, an `(a, b, c)` tuple or a list of tuples into `steps` iterations.
 
@@ -64,16 +81,7 @@ def ns_schedule(coefficients: Any = "keller", steps: int = 5) -> NSSchedule:
             return NSSchedule(tuple((a / s, b / s**3, c / s**5) for a, b, c in raw), s)
         raise ValueError(f"ns_coefficients={coefficients!r} is invalid: expected one of "
                          f"{list(PRESETS)}, an (a, b, c) tuple or a list of them")
-    if isinstance(coefficients, Sequence) and len(coefficients) == 3 and all(
-            isinstance(v, (int, float)) for v in coefficients):
-        coefficients = (tuple(coefficients),)
-    if not (isinstance(coefficients, Sequence) and coefficients and all(
-            isinstance(t, Sequence) and len(t) == 3 for t in coefficients)):
-        raise ValueError(f"ns_coefficients={coefficients!r} is invalid: expected one of "
-                         f"{list(PRESETS)}, an (a, b, c) tuple or a list of them")
-    for t in coefficients:
-        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in t):
-            raise ValueError(f"ns_coefficients entry {t!r} is invalid: expected finite numbers")
+    coefficients = normalise_coefficients(coefficients)
     return NSSchedule(_extend(coefficients, steps, coefficients[-1]))
 
 

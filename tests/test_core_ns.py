@@ -1,0 +1,134 @@
+"""Newton-Schulz: golden float64 values from DESIGN.md, invariants, namespaces, errors."""
+
+import numpy as np
+import pytest
+
+from muon_core import ns_schedule, orthogonalize
+from muon_core._ns import POLAR_EXPRESS_RAW, QUINTIC
+
+NAMESPACES = ["numpy", "array_api_strict"]
+
+
+def as_namespace(x, name):
+    if name == "numpy":
+        return np.asarray(x, dtype=np.float64)
+    xp = pytest.importorskip(name)
+    return xp.asarray(np.asarray(x, dtype=np.float64))
+
+
+def singular_values(x):
+    return np.linalg.svd(np.asarray(x), compute_uv=False)
+
+
+def scalar_iteration(s, schedule):
+    """The NS polynomial applied to one normalised singular value (independent of matrices)."""
+    for a, b, c in schedule.coefficients:
+        s = a * s + b * s**3 + c * s**5
+    return s
+
+
+@pytest.mark.parametrize("xp_name", NAMESPACES)
+def test_keller_golden_values(xp_name):
+    # DESIGN.md section 4, float64 facts computed independently.
+    out = orthogonalize(as_namespace(np.diag([3.0, 4.0]), xp_name))
+    np.testing.assert_allclose(sorted(singular_values(out)), [0.722876, 1.119204], atol=1e-6)
+    out = orthogonalize(as_namespace([[1, 2, 3], [4, 5, 6]], xp_name))
+    expected = [[-0.56829, 0.057742, 0.683774], [0.563355, 0.405613, 0.247871]]
+    np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5)
+
+
+def test_quintic_golden_values():
+    out = orthogonalize(np.diag([3.0, 4.0]), coefficients="quintic")
+    np.testing.assert_allclose(sorted(singular_values(out)), [1.005632, 1.018629], atol=1e-6)
+
+
+def test_keller_maps_singular_values_as_published():
+    # A matrix with chosen singular values: U diag(s) V^T, Frobenius norm 1 after scaling.
+    rng = np.random.default_rng(0)
+    u, _ = np.linalg.qr(rng.standard_normal((5, 5)))
+    v, _ = np.linalg.qr(rng.standard_normal((7, 7)))
+    s = np.array([1e-3, 1e-2, 0.1, 0.5, 1.0])
+    g = u @ np.diag(s) @ v[:5]
+    out = orthogonalize(g * np.linalg.norm(s) / np.linalg.norm(g), eps=0.0)
+    # Normalising divides s by ||s||; map the golden points through that factor.
+    golden = scalar_iteration(s / np.linalg.norm(s), ns_schedule("keller", 5))
+    np.testing.assert_allclose(sorted(singular_values(out)), sorted(golden), rtol=1e-9)
+    # DESIGN.md: keller maps {1e-3, 1e-2, 0.1, 0.5, 1} to these after 5 steps.
+    np.testing.assert_allclose(scalar_iteration(s, ns_schedule("keller", 5)),
+                               [0.470544, 0.698917, 0.712120, 0.765439, 0.696436], atol=1e-6)
+
+
+def test_schedules_match_published_coefficients():
+    assert ns_schedule("quintic", 5).coefficients == QUINTIC
+    assert ns_schedule("keller", 3).coefficients == ((3.4445, -4.7750, 2.0315),) * 3
+    raw = ns_schedule("polar_express_raw", 7).coefficients
+    assert raw[:5] == POLAR_EXPRESS_RAW and raw[5:] == ((1.875, -1.25, 0.375),) * 2
+    safe = ns_schedule("polar_express", 5)
+    assert safe.norm_scale == 1.01
+    a, b, c = POLAR_EXPRESS_RAW[0]
+    np.testing.assert_allclose(safe.coefficients[0], (a / 1.01, b / 1.01**3, c / 1.01**5))
+    assert ns_schedule([(1.0, 2.0, 3.0), (4.0, 5.0, 6.0)], 3).coefficients[-1] == (4.0, 5.0, 6.0)
+
+
+@pytest.mark.parametrize("preset", ["keller", "quintic", "polar_express", "polar_express_raw"])
+def test_each_preset_acts_on_singular_values_like_its_scalar_polynomial(preset):
+    rng = np.random.default_rng(1)
+    g = rng.standard_normal((6, 9))
+    schedule = ns_schedule(preset, 5)
+    s = singular_values(g) / (np.linalg.norm(g) * schedule.norm_scale)
+    out = orthogonalize(g, coefficients=preset)
+    np.testing.assert_allclose(singular_values(out), np.sort(scalar_iteration(s, schedule))[::-1],
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_polar_express_orthogonalizes_well():
+    g = np.random.default_rng(2).standard_normal((32, 64))
+    sv = singular_values(orthogonalize(g, coefficients="polar_express", steps=8))
+    assert np.all(np.abs(sv - 1) < 0.05), sv
+
+
+@pytest.mark.parametrize("xp_name", NAMESPACES)
+def test_invariants(xp_name):
+    rng = np.random.default_rng(3)
+    g = rng.standard_normal((5, 8))
+    x = as_namespace(g, xp_name)
+    out = np.asarray(orthogonalize(x))
+    np.testing.assert_allclose(np.asarray(orthogonalize(as_namespace(g.T, xp_name))), out.T,
+                               atol=1e-12)
+    np.testing.assert_allclose(np.asarray(orthogonalize(as_namespace(7.5 * g, xp_name))), out,
+                               atol=1e-12)
+    g[2] = 0.0
+    assert np.all(np.asarray(orthogonalize(as_namespace(g, xp_name)))[2] == 0.0)
+    zero = np.asarray(orthogonalize(as_namespace(np.zeros((4, 3)), xp_name)))
+    assert np.all(zero == 0.0)
+
+
+def test_batched_equals_one_at_a_time_and_input_is_untouched():
+    g = np.random.default_rng(4).standard_normal((2, 3, 9, 4))
+    before = g.copy()
+    out = orthogonalize(g, coefficients="quintic")
+    for i in range(2):
+        for j in range(3):
+            np.testing.assert_allclose(out[i, j], orthogonalize(g[i, j], coefficients="quintic"),
+                                       atol=1e-13)
+    np.testing.assert_array_equal(g, before)
+
+
+def test_working_dtype_and_result_dtype():
+    g = np.random.default_rng(5).standard_normal((4, 6))
+    out32 = orthogonalize(g, dtype="float32")
+    assert out32.dtype == np.float64
+    np.testing.assert_allclose(out32, orthogonalize(g), atol=1e-5)
+    # numpy has no bfloat16: the working precision falls back to float32
+    np.testing.assert_array_equal(orthogonalize(g, dtype="bfloat16"), out32)
+
+
+def test_bad_input_errors_name_the_problem():
+    with pytest.raises(ValueError, match=r"G.ndim=1"):
+        orthogonalize(np.ones(3))
+    with pytest.raises(TypeError, match="G.dtype=dtype\\('int64'\\)"):
+        orthogonalize(np.ones((3, 3), dtype=np.int64))
+    with pytest.raises(ValueError, match="ns_steps=0"):
+        orthogonalize(np.ones((3, 3)), steps=0)
+    with pytest.raises(ValueError, match="ns_coefficients='fast'"):
+        orthogonalize(np.ones((3, 3)), coefficients="fast")
