@@ -1,0 +1,73 @@
+"""The backend matrix: the core alone, each backend, the conformance suite per backend, docs."""
+
+import nox
+
+nox.options.sessions = ["core", "torch", "jax", "conformance", "docs"]
+nox.options.default_venv_backend = "venv"
+BACKENDS = ["numpy", "array_api_strict", "torch", "jax"]
+TORCH = ["torch==2.13.0"]
+JAX = ["jax==0.10.2", "jaxlib==0.10.2", "optax==0.2.8"]
+
+
+@nox.session
+def core(session: nox.Session) -> None:
+    """muon_core on numpy and array-api-strict, with neither torch nor jax installed."""
+    session.install("-r", "requirements/core.txt", "-e", ".")
+    session.run("python", "-m", "pytest", "tests/test_core_ns.py", "tests/test_core_plan.py",
+                "tests/test_core_config.py", "tests/test_core_imports.py",
+                "tests/test_core_reference.py", *session.posargs)
+    for backend in ("numpy", "array_api_strict"):
+        session.run("python", "-m", "muon_conformance", "--backend", backend)
+
+
+@nox.session
+def torch(session: nox.Session) -> None:
+    """muon_torch's own tests."""
+    session.install("-r", "requirements/core.txt", *TORCH, "-e", ".[torch]")
+    session.run("python", "-m", "pytest", *_tests(session, "test_torch_*.py"), *session.posargs)
+
+
+@nox.session
+def jax(session: nox.Session) -> None:
+    """muon_jax's own tests."""
+    session.install("-r", "requirements/core.txt", *JAX, "-e", ".[jax]")
+    session.run("python", "-m", "pytest", *_tests(session, "test_jax_*.py"), *session.posargs)
+
+
+@nox.session
+@nox.parametrize("backend", BACKENDS)
+def conformance(session: nox.Session, backend: str) -> None:
+    """The conformance suite against one backend."""
+    extra = {"torch": TORCH, "jax": JAX}.get(backend, [])
+    session.install("-r", "requirements/core.txt", *extra, "-e", ".")
+    session.run("python", "-m", "muon_conformance", "--backend", backend, *session.posargs)
+
+
+@nox.session
+def slow(session: nox.Session) -> None:
+    """Long trajectories and multi-process checks (marked `slow`)."""
+    session.install("-r", "requirements/test.txt")
+    session.run("python", "-m", "pytest", "-m", "slow", *session.posargs)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The documentation site, built with --strict."""
+    session.install("-r", "requirements/test.txt")
+    session.run("mkdocs", "build", "--strict")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Side-by-side benchmarks against torch.optim.Muon and optax.contrib.muon."""
+    session.install("-r", "requirements/test.txt")
+    session.run("muon", "bench", *session.posargs)
+
+
+def _tests(session: nox.Session, pattern: str) -> list[str]:
+    import glob
+
+    files = sorted(glob.glob(f"tests/{pattern}"))
+    if not files:
+        session.error(f"no test files match tests/{pattern}")
+    return files
