@@ -1,1 +1,18 @@
-"""muon_jax (under construction)."""
+"""muon_jax: the Muon optimizer as optax gradient transformations.
+
+`tx = muon_jax.muon(cfg)` takes the same `muon_core.MuonConfig` as the torch backend and
+returns an `optax.GradientTransformation` over any pytree of parameters.
+"""
+
+from muon_jax._ns import orthogonalize
+from muon_jax._transform import (
+    MuonState,
+    ScaleByMuonState,
+    leaf_names,
+    muon,
+    plan_for,
+    scale_by_muon,
+)
+
+__all__ = ["MuonState", "ScaleByMuonState", "leaf_names", "muon", "orthogonalize", "plan_for",
+           "scale_by_muon"]

@@ -1,0 +1,93 @@
+"""Newton-Schulz in jax.numpy: same-shape blocks are stacked into one batched call."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from muon_core import NSSchedule, ns_schedule
+
+NS_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float64": jnp.float64}
+
+
+def ns_dtype(name: str) -> Any:
+    """The jnp dtype for a config's `ns_dtype`; float64 needs `jax_enable_x64`."""
+    if name == "float64" and not jax.config.jax_enable_x64:
+        raise ValueError("ns_dtype='float64' needs jax.config.update('jax_enable_x64', True); "
+                         "without it JAX silently computes in float32")
+    return NS_DTYPES[name]
+
+
+def _newton_schulz(x: jax.Array, schedule: NSSchedule, eps: float) -> jax.Array:
+    """Orthogonalize a batch `(..., m, n)` with m <= n in `x.dtype`.
+
+    Matrix products take `x.dtype` inputs and accumulate in at least float32; the
+    elementwise combinations, the Frobenius norm and the coefficients stay in that wider
+    type, so bfloat16 rounds only what feeds the next product.
+    """
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    precision = lax.Precision.DEFAULT if x.dtype == jnp.bfloat16 else lax.Precision.HIGHEST
+
+    def matmul(p: jax.Array, q: jax.Array) -> jax.Array:
+        return jnp.matmul(p, q, precision=precision, preferred_element_type=acc)
+
+    wide = x.astype(acc)
+    norm = jnp.sqrt(jnp.sum(wide * wide, axis=(-2, -1), keepdims=True)) * schedule.norm_scale
+    x = (wide / jnp.maximum(norm, eps)).astype(x.dtype)
+
+    def iteration(x: jax.Array, abc: jax.Array) -> tuple[jax.Array, None]:
+        a, b, c = abc[0], abc[1], abc[2]
+        gram = matmul(x, x.mT)
+        narrow = gram.astype(x.dtype)
+        poly = (b * gram + c * matmul(narrow, narrow)).astype(x.dtype)
+        return (a * x + matmul(poly, x)).astype(x.dtype), None
+
+    x, _ = lax.scan(iteration, x, jnp.asarray(schedule.coefficients, dtype=acc))
+    return x
+
+
+def orthogonalize_batch(blocks: Sequence[jax.Array], schedule: NSSchedule, eps: float,
+                        dtype: Any) -> list[jax.Array]:
+    """Orthogonalize each `(batch, rows, cols)` block in `dtype`; results keep their inputs' dtype.
+
+    Tall blocks are transposed so rows <= cols; blocks of one oriented shape are concatenated
+    along the batch axis and go through a single Newton-Schulz call.
+    """
+    oriented = [b.astype(dtype).mT if b.shape[1] > b.shape[2] else b.astype(dtype)
+                for b in blocks]
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, block in enumerate(oriented):
+        groups.setdefault(block.shape[1:], []).append(index)
+    results: list[Any] = [None] * len(blocks)
+    for indices in groups.values():
+        stacked = _newton_schulz(jnp.concatenate([oriented[i] for i in indices]), schedule, eps)
+        starts = [sum(oriented[j].shape[0] for j in indices[:k]) for k in range(len(indices))]
+        for i, start in zip(indices, starts):
+            piece = stacked[start:start + oriented[i].shape[0]]
+            tall = blocks[i].shape[1] > blocks[i].shape[2]
+            results[i] = (piece.mT if tall else piece).astype(blocks[i].dtype)
+    return results
+
+
+def orthogonalize(G: jax.Array, steps: int = 5, coefficients: Any = "keller", eps: float = 1e-7,
+                  dtype: str | None = None) -> jax.Array:
+    """`muon_core.orthogonalize` in jax.numpy: the approximate polar factor of `G` (..., m, n).
+
+    `dtype` names the working precision ("bfloat16", "float32", "float64"; default: the
+    input's); the result has the input's dtype. Jittable; the schedule is static.
+    """
+    G = jnp.asarray(G)
+    if G.ndim < 2:
+        raise ValueError(f"orthogonalize needs a matrix or a batch of matrices, got {G.ndim=} "
+                         f"with shape {tuple(G.shape)}")
+    if not jnp.issubdtype(G.dtype, jnp.floating):
+        raise TypeError(f"orthogonalize needs a real floating array, got {G.dtype=}")
+    work = G.dtype if dtype is None else ns_dtype(dtype)
+    tall = G.shape[-2] > G.shape[-1]
+    x = G.astype(work).mT if tall else G.astype(work)
+    x = _newton_schulz(x, ns_schedule(coefficients, steps), eps)
+    return (x.mT if tall else x).astype(G.dtype)
