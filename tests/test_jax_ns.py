@@ -1,0 +1,82 @@
+"""Newton-Schulz in jax.numpy against the design note's float64 golden values and the core."""
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+jnp = pytest.importorskip("jax.numpy")
+
+import muon_core  # noqa: E402
+from muon_jax import orthogonalize  # noqa: E402
+from muon_jax._ns import orthogonalize_batch  # noqa: E402
+
+pytestmark = pytest.mark.jax
+
+
+def _singular_values(x) -> np.ndarray:
+    return np.sort(np.linalg.svd(np.asarray(x, np.float64), compute_uv=False))
+
+
+def test_keller_golden_matrix():
+    # DESIGN.md golden value: keller x5 of [[1,2,3],[4,5,6]] in float64.
+    expected = [[-0.56829, 0.057742, 0.683774], [0.563355, 0.405613, 0.247871]]
+    got = orthogonalize(jnp.array([[1.0, 2, 3], [4, 5, 6]]), dtype="float32")
+    np.testing.assert_allclose(got, expected, atol=2e-6)
+
+
+@pytest.mark.parametrize("coefficients, expected", [
+    ("keller", [0.722876, 1.119204]),  # DESIGN.md golden values (float64)
+    ("quintic", [1.005632, 1.018629]),
+])
+def test_diagonal_golden_singular_values(coefficients, expected):
+    got = orthogonalize(jnp.diag(jnp.array([3.0, 4.0])), coefficients=coefficients,
+                        dtype="float32")
+    np.testing.assert_allclose(_singular_values(got), expected, atol=2e-6)
+
+
+def test_bfloat16_close_to_float64_reference():
+    g = np.random.default_rng(0).normal(size=(3, 24, 40))
+    expected = muon_core.orthogonalize(g)  # the core on numpy: float64 throughout
+    got = orthogonalize(jnp.asarray(g, jnp.float32), dtype="bfloat16")
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, expected, atol=4e-2)
+
+
+@pytest.mark.parametrize("coefficients", ["keller", "quintic", "polar_express",
+                                          "polar_express_raw", ((3.0, -3.2, 1.2),)])
+@pytest.mark.parametrize("shape", [(7, 12), (12, 7), (2, 5, 5)])
+def test_float32_matches_core_reference(coefficients, shape):
+    g = np.random.default_rng(1).normal(size=shape)
+    expected = muon_core.orthogonalize(g, steps=6, coefficients=coefficients)
+    got = orthogonalize(jnp.asarray(g, jnp.float32), steps=6, coefficients=coefficients)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_invariants():
+    g = jnp.asarray(np.random.default_rng(2).normal(size=(6, 9)), jnp.float32)
+    o = orthogonalize(g)
+    np.testing.assert_allclose(orthogonalize(g.T), o.T, atol=1e-6)
+    np.testing.assert_allclose(orthogonalize(5.0 * g), o, atol=1e-6)
+    zero = orthogonalize(jnp.zeros((4, 3)))
+    assert not np.isnan(zero).any() and not np.asarray(zero).any()
+
+
+def test_batched_blocks_equal_one_by_one():
+    rng = np.random.default_rng(3)
+    blocks = [jnp.asarray(rng.normal(size=s), jnp.float32)
+              for s in [(1, 4, 6), (2, 6, 4), (1, 4, 6), (1, 5, 5)]]
+    schedule = muon_core.ns_schedule("keller", 5)
+    together = orthogonalize_batch(blocks, schedule, 1e-7, jnp.float32)
+    for block, got in zip(blocks, together):
+        assert got.shape == block.shape
+        np.testing.assert_allclose(got, orthogonalize(block), atol=1e-6)
+
+
+def test_bad_input_errors():
+    with pytest.raises(ValueError, match=r"G.ndim=1"):
+        orthogonalize(jnp.ones(3))
+    with pytest.raises(TypeError, match="real floating"):
+        orthogonalize(jnp.ones((3, 3), jnp.int32))
+    if not jax.config.jax_enable_x64:
+        with pytest.raises(ValueError, match="jax_enable_x64"):
+            orthogonalize(jnp.ones((3, 3)), dtype="float64")
