@@ -181,7 +181,7 @@ def _check_leaves(names: list[str], leaves: list[Any], what: str) -> None:
         dtype = jnp.result_type(leaf)
         if not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(f"{what} leaf {name!r} ({_shape_text(jnp.shape(leaf))}) has "
-                            f"{dtype=}: expected a real floating dtype")
+                            f"dtype {dtype}: expected a real floating dtype")
 
 
 def _check_params(params: Any, treedef: Any, names: list[str], grads: list[Any]) -> list[Any]:
