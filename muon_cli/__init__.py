@@ -1,1 +1,1 @@
-"""muon_cli (under construction)."""
+"""The `muon` command line: demo, plan, bench and conformance, with small bundled models and data."""
