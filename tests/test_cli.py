@@ -1,0 +1,179 @@
+"""The `muon` command: plan, demo, bench and conformance wiring, and the bundled data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from muon_cli import bench_cmd, demo
+from muon_cli.data import digits_split, load_digits
+from muon_cli.main import main
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _row(output: str, name: str) -> list[str]:
+    return next(line.split() for line in output.splitlines() if line.startswith(name + " "))
+
+
+def test_bundled_digits_match_the_uci_test_set():
+    x, y = load_digits()
+    assert x.shape == (1797, 64) and x.dtype == np.float32
+    assert 0.0 <= x.min() and x.max() == 1.0
+    # Class sizes of the UCI optdigits test set.
+    assert np.bincount(y).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+
+
+def test_digits_split_is_a_seeded_partition():
+    x_train, y_train, x_test, y_test = digits_split(seed=3)
+    again = digits_split(seed=3)
+    assert len(y_train) + len(y_test) == 1797 and len(y_test) == 359
+    assert np.array_equal(again[0], x_train) and np.array_equal(again[3], y_test)
+    with pytest.raises(ValueError, match="test_fraction=1.5"):
+        digits_split(test_fraction=1.5)
+
+
+def test_plan_gpt2_routes_hidden_matrices_to_muon(capsys):
+    assert main(["plan", "gpt2"]) == 0
+    out = capsys.readouterr().out
+    assert _row(out, "h.0.attn.qkv.weight")[2] == "muon"
+    assert _row(out, "wte.weight")[2] == "adamw"
+    assert _row(out, "lm_head.weight")[2] == "adamw"
+    # 12 layers x (qkv, attn.proj, mlp.fc, mlp.proj).
+    assert "48 of 149 tensors" in out
+
+
+def test_plan_cnn_flattens_convolutions(capsys):
+    assert main(["plan", "cnn"]) == 0
+    out = capsys.readouterr().out
+    assert _row(out, "conv2.weight")[:4] == ["conv2.weight", "64x32x3x3", "muon", "64x288"]
+    assert _row(out, "classifier.weight")[2] == "adamw"
+
+
+def test_plan_toml_names_its_model_and_rules(tmp_path, capsys):
+    path = tmp_path / "muon.toml"
+    path.write_text('model = "gpt-small"\n\n[muon]\nlr = 0.02\n\n'
+                    '[[muon.rules]]\nmatch = "h.*.mlp.*"\nalgorithm = "adamw"\n')
+    assert main(["plan", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert _row(out, "h.1.mlp.fc.weight")[2:] == ["adamw", "-", "-", "rule", "rule",
+                                                   "match='h.*.mlp.*'"]
+    assert _row(out, "h.1.attn.proj.weight")[2] == "muon"
+
+
+def test_plan_json_shapes_in_flax_layout(tmp_path, capsys):
+    path = tmp_path / "shapes.json"
+    path.write_text(json.dumps({"dense.kernel": [64, 256], "dense.bias": [256]}))
+    assert main(["plan", str(path), "--layout", "in_out"]) == 0
+    row = _row(capsys.readouterr().out, "dense.kernel")
+    # (in, out) = (64, 256): 256 rows of 64, so the original scale is sqrt(256 / 64) = 2.
+    assert row[2] == "muon" and row[row.index("256x64") + 1] == "2"
+
+
+def test_plan_import_path(capsys):
+    assert main(["plan", "muon_cli.torch_models:DigitsMLP"]) == 0
+    out = capsys.readouterr().out
+    assert _row(out, "fc2.weight")[2] == "muon" and _row(out, "head.weight")[2] == "adamw"
+
+
+def test_plan_errors_name_the_value(tmp_path, capsys):
+    assert main(["plan", "resnet9000"]) == 1
+    assert "model='resnet9000' is not known" in capsys.readouterr().err
+    path = tmp_path / "bare.toml"
+    path.write_text("lr = 0.02\n")
+    assert main(["plan", str(path)]) == 1
+    assert "no top-level model" in capsys.readouterr().err
+
+
+def test_demo_rejects_bad_values(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--steps", "0"])
+    assert "--steps: 0 is invalid" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="backend='mxnet'"):
+        demo.Settings(backend="mxnet")
+
+
+def test_batch_indices_are_shuffled_epochs():
+    batches = demo.batch_indices(10, 4, 5, seed=0)
+    assert batches.shape == (5, 4)
+    flat = batches.ravel()
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
+
+
+def test_summary_counts_steps_to_adamw_best():
+    curves = {"muon": {"step": [0, 10, 20, 30], "loss": [2.0, 0.5, 0.2, 0.1],
+                       "test_accuracy": [0.1, 0.8, 0.9, 0.95], "train_seconds": 2.0},
+              "adamw": {"step": [0, 10, 20, 30], "loss": [2.0, 1.0, 0.4, 0.3],
+                        "test_accuracy": [0.1, 0.6, 0.8, 0.9], "train_seconds": 1.0}}
+    summary = demo.summarize(curves)
+    assert summary["adamw"]["steps_to_adamw_best"] == 30
+    assert summary["muon"]["steps_to_adamw_best"] == 20
+    assert summary["muon"]["final_loss"] == 0.1 and summary["adamw"]["best_loss"] == 0.3
+    assert "1.5x fewer steps" in demo.speedup_line(summary)
+    table = demo.format_table(summary)
+    assert table.splitlines()[2].split()[:2] == ["muon", "0.1000"]
+
+
+def _check_demo_outputs(out_dir, steps):
+    assert (out_dir / "loss.png").read_bytes()[:8] == PNG_MAGIC
+    record = json.loads((out_dir / "demo.json").read_text())
+    assert set(record["summary"]) == {"muon", "adamw"}
+    for curve in record["curves"].values():
+        assert curve["step"][0] == 0 and curve["step"][-1] == steps
+        assert all(np.isfinite(curve["loss"]))
+    return record
+
+
+@pytest.mark.torch
+def test_demo_torch_writes_table_plot_and_record(tmp_path, capsys):
+    pytest.importorskip("muon_torch", exc_type=ImportError).Muon
+    assert main(["demo", "--steps", "12", "--out", str(tmp_path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "steps to AdamW best" in out and "wrote" in out
+    record = _check_demo_outputs(tmp_path, 12)
+    assert record["settings"]["backend"] == "torch"
+    # Training lowers the loss from its starting point for both optimizers.
+    for curve in record["curves"].values():
+        assert curve["loss"][-1] < curve["loss"][0]
+
+
+@pytest.mark.jax
+def test_demo_jax_writes_outputs(tmp_path, capsys):
+    pytest.importorskip("muon_jax")
+    assert main(["demo", "--backend", "jax", "--steps", "10", "--out", str(tmp_path),
+                 "--no-progress"]) == 0
+    record = _check_demo_outputs(tmp_path, 10)
+    assert record["muon_config"]["lr"] == demo.TUNED_LR["muon"]
+
+
+def test_bench_table_shows_peer_over_ours():
+    rows = [{"backend": "torch", "what": "NS 768x3072", "peer": "torch.optim.Muon",
+             "ours_s": 0.002, "peer_s": 0.005, "ratio": 2.5}]
+    last = bench_cmd.format_rows(rows).splitlines()[-1]
+    assert last.split()[-1] == "2.50x" and "5.00 ms" in last
+
+
+def test_bench_reports_a_missing_backend(monkeypatch, capsys):
+    monkeypatch.setitem(bench_cmd.BENCH_MODULES, "torch", "muon_no_such_module.bench")
+    assert main(["bench", "--backend", "torch"]) == 1
+    assert 'pip install "muon-core[torch]"' in capsys.readouterr().err
+
+
+def test_conformance_passes_backend_and_pytest_arguments(monkeypatch):
+    import muon_conformance
+
+    seen = []
+    monkeypatch.setattr(muon_conformance, "main", lambda argv: seen.append(argv) or 0,
+                        raising=False)
+    assert main(["conformance", "--backend", "numpy", "-x", "-q"]) == 0
+    assert seen == [["--backend", "numpy", "-x", "-q"]]
+
+
+def test_console_script_module_runs():
+    result = subprocess.run([sys.executable, "-m", "muon_cli.main", "plan", "gpt2"],
+                            capture_output=True, text=True, check=True)
+    assert "h.11.mlp.proj.weight" in result.stdout
