@@ -144,7 +144,7 @@ def test_state_maps_to_reference_state():
             assert int(ours.count) == st["step"] == 2
             np.testing.assert_allclose(ours.mu[name], st["exp_avg"], rtol=1e-5, atol=1e-7)
             np.testing.assert_allclose(ours.nu[name], st["exp_avg_sq"], rtol=1e-5, atol=1e-7)
-    assert int(ours.nonfinite_count) == 0
+    assert int(ours.nonfinite.count) == 0
 
 
 def test_matches_optax_contrib_muon_without_nesterov():
@@ -357,4 +357,10 @@ def test_nonfinite_skip_zeroes_updates_and_keeps_state(jit):
     kept = (state1.count, state1.momentum_buffer, state1.mu, state1.nu)
     for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(state2[:4])):
         np.testing.assert_array_equal(a, b)
-    assert int(state2.nonfinite_count) == 1
+    assert int(state2.nonfinite.count) == 1
+    assert state2.nonfinite.latest.tolist() == [False, True]  # leaves h.b, h.w
+    with pytest.raises(FloatingPointError, match=r"in 'h\.w' \(4x6\);"):
+        muon_jax.raise_if_nonfinite((optax.EmptyState(), state2))
+    _, state3 = update(_grads(), state2, PARAMS)
+    muon_jax.raise_if_nonfinite(state3)  # the latest step was finite: no error
+    assert int(state3.nonfinite.count) == 1

@@ -7,12 +7,14 @@ returns an `optax.GradientTransformation` over any pytree of parameters.
 from muon_jax._ns import orthogonalize
 from muon_jax._transform import (
     MuonState,
+    NonfiniteRecord,
     ScaleByMuonState,
     leaf_names,
     muon,
     plan_for,
+    raise_if_nonfinite,
     scale_by_muon,
 )
 
-__all__ = ["MuonState", "ScaleByMuonState", "leaf_names", "muon", "orthogonalize", "plan_for",
-           "scale_by_muon"]
+__all__ = ["MuonState", "NonfiniteRecord", "ScaleByMuonState", "leaf_names", "muon",
+           "orthogonalize", "plan_for", "raise_if_nonfinite", "scale_by_muon"]

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 
 import muon_core
@@ -35,11 +36,25 @@ class Hyper(NamedTuple):
     adamw_weight_decay: Any
 
 
+# -- non-finite gradients ----------------------------------------------------------------------
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["count", "latest"],
+                   meta_fields=["names", "shapes"])
+@dataclasses.dataclass(frozen=True)
+class NonfiniteRecord:
+    """Steps refused for NaN/Inf so far (`count`), and which leaves (`names`, in order) had
+    NaN/Inf in the latest step (`latest`, a bool vector); read it with `raise_if_nonfinite`."""
+
+    count: jax.Array
+    latest: jax.Array
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+
 class ScaleByMuonState(NamedTuple):
     """State of `scale_by_muon`: `momentum_buffer[name]` for each Muon leaf (params' dtype)."""
 
     momentum_buffer: dict[str, jax.Array]
-    nonfinite_count: jax.Array
+    nonfinite: NonfiniteRecord
 
 
 class MuonState(NamedTuple):
@@ -48,14 +63,14 @@ class MuonState(NamedTuple):
     In the core reference's format (`muon_core.reference_step`): a Muon leaf's
     `{"momentum_buffer": b}` is `momentum_buffer[name]`; an AdamW leaf's
     `{"step": s, "exp_avg": m, "exp_avg_sq": v}` is `(count, mu[name], nu[name])`, one
-    `count` for every AdamW leaf. `nonfinite_count` counts the steps refused for NaN/Inf.
+    `count` for every AdamW leaf. `nonfinite` records the steps refused for NaN/Inf.
     """
 
     count: jax.Array
     momentum_buffer: dict[str, jax.Array]
     mu: dict[str, jax.Array]
     nu: dict[str, jax.Array]
-    nonfinite_count: jax.Array
+    nonfinite: NonfiniteRecord
 
 
 # -- names and routing -----------------------------------------------------------------------
@@ -206,33 +221,52 @@ def _check_state(field: str, stored: Mapping[str, Any], expected: dict[str, Any]
                              f"expected {jnp.shape(grad)}")
 
 
-# -- non-finite gradients ----------------------------------------------------------------------
-def _raise_nonfinite(finite: np.ndarray, names: tuple[str, ...],
-                     shapes: tuple[tuple[int, ...], ...]) -> None:
-    bad = [n for n, ok in zip(names, np.asarray(finite)) if not ok]
-    if bad:
-        raise FloatingPointError(nonfinite_message(bad, dict(zip(names, shapes))))
+def _fresh_record(names: list[str], leaves: list[Any]) -> NonfiniteRecord:
+    return NonfiniteRecord(jnp.zeros([], jnp.int32), jnp.zeros(len(names), bool), tuple(names),
+                           tuple(tuple(jnp.shape(x)) for x in leaves))
 
 
-def _finite_gate(names: list[str], grads: list[Any], policy: str) -> Any:
-    """True when every gradient is finite; applies the `nonfinite` policy.
+def _raise_nonfinite(bad: Any, names: tuple[str, ...], shapes: tuple[tuple[int, ...], ...]):
+    listed = [n for n, flag in zip(names, np.asarray(bad)) if flag]
+    if listed:
+        raise FloatingPointError(nonfinite_message(listed, dict(zip(names, shapes))))
 
-    Eager: "raise" raises FloatingPointError at once. Under jit a Python raise is impossible,
-    so "raise" attaches a host callback that raises the same message when the step runs (JAX
-    reports it as a `JaxRuntimeError`); the caller then gets no new params or state. Either
-    way the returned flag also zeroes the update and keeps the state (the "skip" policy).
+
+def raise_if_nonfinite(state: Any) -> None:
+    """Raise FloatingPointError, naming the leaves, when the latest step was refused for NaN/Inf.
+
+    For jitted steps under `nonfinite="raise"` with several devices, where the step itself
+    cannot raise; `state` may be any optax state that contains a muon_jax state.
     """
-    if not grads:
-        return jnp.asarray(True)
-    finite = jnp.stack([jnp.all(jnp.isfinite(g)) for g in grads])
-    if policy == "raise":
-        report = functools.partial(_raise_nonfinite, names=tuple(names),
-                                   shapes=tuple(jnp.shape(g) for g in grads))
-        if _is_traced(finite):
-            jax.debug.callback(report, finite)
-        else:
-            report(finite)
-    return jnp.all(finite)
+    records = [r for r in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, NonfiniteRecord))
+               if isinstance(r, NonfiniteRecord)]
+    for record in records:
+        _raise_nonfinite(record.latest, record.names, record.shapes)
+
+
+def _finite_gate(names: list[str], grads: list[Any], record: NonfiniteRecord,
+                 policy: str) -> tuple[Any, NonfiniteRecord]:
+    """(all gradients finite, updated record), after applying the `nonfinite` policy.
+
+    Eager, "raise" raises FloatingPointError at once. Under jit a Python raise is impossible:
+    on a single device a host callback raises the same message when the step runs (JAX
+    reports it as a JaxRuntimeError and returns nothing). With several devices a raising
+    callback would leave the other devices waiting in their collectives, so the step is only
+    refused and recorded; `raise_if_nonfinite(state)` raises afterwards. A refused step
+    returns zero updates and keeps the moments (the whole of the "skip" policy).
+    """
+    if tuple(names) != record.names:
+        raise ValueError(f"state.nonfinite was made for leaves {list(record.names)}, but the "
+                         f"updates have {names}: was the state made by init on these parameters?")
+    bad = ~jnp.stack([jnp.all(jnp.isfinite(g)) for g in grads]) if grads else record.latest
+    if policy == "raise" and not _is_traced(bad):
+        _raise_nonfinite(bad, record.names, record.shapes)
+    elif policy == "raise" and jax.device_count() == 1:
+        jax.debug.callback(functools.partial(_raise_nonfinite, names=record.names,
+                                             shapes=record.shapes), bad)
+    ok = ~jnp.any(bad)
+    return ok, dataclasses.replace(record, count=record.count + (~ok).astype(jnp.int32),
+                                   latest=bad)
 
 
 def _select(ok: Any, new: Any, old: Any) -> Any:
@@ -246,6 +280,22 @@ def _momentum(grad: jax.Array, buf: jax.Array, beta: Any, config: MuonConfig):
     new_buf = (beta * buf + g_weight * grad).astype(buf.dtype)
     direction = g_weight * grad + beta * new_buf if config.nesterov else new_buf
     return direction.astype(grad.dtype), new_buf
+
+
+def _explicit_sharding(x: jax.Array) -> NamedSharding | None:
+    """The sharding in `x`'s type under an explicit-axes mesh; None when it carries none."""
+    sharding = jax.typeof(x).sharding
+    return sharding if any(axis is not None for axis in sharding.spec) else None
+
+
+def _resharded(x: jax.Array, sharding: NamedSharding | None) -> jax.Array:
+    return x if sharding is None else jax.sharding.reshard(x, sharding)
+
+
+def _whole(x: jax.Array) -> jax.Array:
+    """`x` replicated when its type carries a sharding (explicit axes), else `x`."""
+    sharding = _explicit_sharding(x)
+    return x if sharding is None else jax.sharding.reshard(x, sharding.update(spec=PartitionSpec()))
 
 
 def _to_blocks(x: jax.Array, entry: ParamPlan) -> list[jax.Array]:
@@ -262,16 +312,22 @@ def _from_blocks(blocks: list[jax.Array], entry: ParamPlan) -> jax.Array:
 
 def _muon_directions(grads: dict[str, Any], bufs: dict[str, Any], plan: Plan,
                      config: MuonConfig, beta: Any) -> tuple[dict, dict]:
-    """Momentum, then Newton-Schulz on every block at once: (scaled O per leaf, new buffers)."""
+    """Momentum, then Newton-Schulz on every block at once: (scaled O per leaf, new buffers).
+
+    NS needs whole matrices: under an explicit-axes mesh the directions are gathered first
+    and the results resharded like the gradients.
+    """
     entries = plan.muon
     stepped = {e.name: _momentum(grads[e.name], bufs[e.name], beta, config) for e in entries}
-    blocks = [_to_blocks(stepped[e.name][0], e) for e in entries]
+    shardings = {e.name: _explicit_sharding(grads[e.name]) for e in entries}
+    blocks = [_to_blocks(_whole(stepped[e.name][0]), e) for e in entries]
     flat = orthogonalize_batch([b for leaf in blocks for b in leaf],
                                ns_schedule(config.ns_coefficients, config.ns_steps),
                                config.eps, ns_dtype(config.ns_dtype))
     directions, start = {}, 0
     for entry, leaf in zip(entries, blocks):
-        directions[entry.name] = _from_blocks(flat[start:start + len(leaf)], entry)
+        directions[entry.name] = _resharded(_from_blocks(flat[start:start + len(leaf)], entry),
+                                            shardings[entry.name])
         start += len(leaf)
     return directions, {name: buf for name, (_, buf) in stepped.items()}
 
@@ -325,13 +381,16 @@ def _context(updates: Any, params: Any, config: MuonConfig, layout: str,
                     p_leaves)
 
 
-def _init_muon_buffers(params: Any, config: MuonConfig, layout: str,
-                       algorithms: Mapping[str, str] | None) -> dict[str, jax.Array]:
+def _init_parts(params: Any, config: MuonConfig, layout: str,
+                algorithms: Mapping[str, str] | None) -> tuple[dict, dict, NonfiniteRecord]:
+    """Zero momentum buffers for the Muon leaves, the other leaves by name, a fresh record."""
     names, leaves, _ = _flatten(params)
     _check_leaves(names, leaves, "parameter")
     plan = _plan(names, leaves, config, layout, algorithms)
     by_name = dict(zip(names, leaves))
-    return {e.name: jnp.zeros_like(by_name[e.name]) for e in plan.muon}
+    buffers = {e.name: jnp.zeros_like(by_name[e.name]) for e in plan.muon}
+    others = {e.name: by_name[e.name] for e in plan.adamw}
+    return buffers, others, _fresh_record(names, leaves)
 
 
 @_with_override_keywords
@@ -348,21 +407,20 @@ def scale_by_muon(config: MuonConfig | None = None, *, layout: str = "in_out",
     config, hyper = resolve(config, overrides)
 
     def init_fn(params: Any) -> ScaleByMuonState:
-        return ScaleByMuonState(_init_muon_buffers(params, config, layout, algorithms),
-                                jnp.zeros([], jnp.int32))
+        buffers, _, record = _init_parts(params, config, layout, algorithms)
+        return ScaleByMuonState(buffers, record)
 
     def update_fn(updates: Any, state: ScaleByMuonState, params: Any = None):
         ctx = _context(updates, params, config, layout, algorithms, needs_params=False)
         grads = dict(zip(ctx.names, ctx.grads))
         _check_state("momentum_buffer", state.momentum_buffer,
                      {e.name: grads[e.name] for e in ctx.plan.muon})
-        ok = _finite_gate(ctx.names, ctx.grads, config.nonfinite)
+        ok, record = _finite_gate(ctx.names, ctx.grads, state.nonfinite, config.nonfinite)
         directions, bufs = _muon_directions(grads, state.momentum_buffer, ctx.plan, config,
                                             hyper.momentum)
         out = [directions.get(name, g) for name, g in grads.items()]
         out = _select(ok, out, [jnp.zeros_like(g) for g in ctx.grads])
-        new_state = ScaleByMuonState(_select(ok, bufs, state.momentum_buffer),
-                                     state.nonfinite_count + (~ok).astype(jnp.int32))
+        new_state = ScaleByMuonState(_select(ok, bufs, state.momentum_buffer), record)
         return ctx.treedef.unflatten(out), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -395,12 +453,10 @@ def muon(config: MuonConfig | None = None, *, layout: str = "in_out",
     needs_params = _has_decay(hyper.weight_decay) or _has_decay(hyper.adamw_weight_decay)
 
     def init_fn(params: Any) -> MuonState:
-        buffers = _init_muon_buffers(params, config, layout, algorithms)
-        names, leaves, _ = _flatten(params)
-        adamw = [(n, x) for n, x in zip(names, leaves) if n not in buffers]
-        zero = jnp.zeros([], jnp.int32)
-        return MuonState(zero, buffers, {n: jnp.zeros_like(x) for n, x in adamw},
-                         {n: jnp.zeros_like(x) for n, x in adamw}, zero)
+        buffers, adamw, record = _init_parts(params, config, layout, algorithms)
+        return MuonState(jnp.zeros([], jnp.int32), buffers,
+                         {n: jnp.zeros_like(x) for n, x in adamw.items()},
+                         {n: jnp.zeros_like(x) for n, x in adamw.items()}, record)
 
     def update_fn(updates: Any, state: MuonState, params: Any = None):
         ctx = _context(updates, params, config, layout, algorithms, needs_params)
@@ -410,7 +466,7 @@ def muon(config: MuonConfig | None = None, *, layout: str = "in_out",
         adamw_grads = {e.name: grads[e.name] for e in ctx.plan.adamw}
         _check_state("mu", state.mu, adamw_grads)
         _check_state("nu", state.nu, adamw_grads)
-        ok = _finite_gate(ctx.names, ctx.grads, config.nonfinite)
+        ok, record = _finite_gate(ctx.names, ctx.grads, state.nonfinite, config.nonfinite)
         count = optax.safe_increment(state.count)
         muon_steps, bufs = _muon_directions(grads, state.momentum_buffer, ctx.plan, config,
                                             hyper.momentum)
@@ -426,7 +482,6 @@ def muon(config: MuonConfig | None = None, *, layout: str = "in_out",
         new = (count, bufs, mu, nu)
         old = (state.count, state.momentum_buffer, state.mu, state.nu)
         kept = _select(ok, new, old)
-        return ctx.treedef.unflatten(out), MuonState(
-            *kept, state.nonfinite_count + (~ok).astype(jnp.int32))
+        return ctx.treedef.unflatten(out), MuonState(*kept, record)
 
     return optax.GradientTransformation(init_fn, update_fn)
