@@ -104,3 +104,172 @@ class StrictAdapter(NumpyAdapter):
     def to_numpy(self, array: Any) -> np.ndarray:
         """A numpy copy through DLPack."""
         return np.array(np.from_dlpack(array), copy=True)
+
+
+def _require(module: str, attribute: str, install: str) -> Any:
+    """Import `module` and return its `attribute`, or raise BackendUnavailable saying why."""
+    import importlib
+
+    try:
+        found = importlib.import_module(module)
+    except ImportError as exc:
+        raise BackendUnavailable(f"{module} cannot be imported ({exc}); try: {install}") from exc
+    if not hasattr(found, attribute):
+        raise BackendUnavailable(f"{module} has no {attribute} (backend not built yet)")
+    return getattr(found, attribute)
+
+
+@dataclasses.dataclass
+class TorchHandle:
+    """A `muon_torch.Muon` and its parameters by name."""
+
+    optimizer: Any
+    params: dict[str, Any]
+
+
+class TorchAdapter:
+    """`muon_torch.Muon` over `torch.nn.Parameter`s (torch layout, as the suite uses)."""
+
+    name = "torch"
+    capabilities = frozenset({BF16, FLOAT64})
+
+    def __init__(self) -> None:
+        self.muon_class = _require("muon_torch", "Muon", 'pip install "muon-core[torch]"')
+
+    def make(self, params: Mapping[str, Any], config: MuonConfig) -> TorchHandle:
+        """A `Muon` over parameters copied from `params`."""
+        import torch
+
+        named = {name: torch.nn.Parameter(torch.tensor(np.asarray(p)))
+                 for name, p in params.items()}
+        return TorchHandle(self.muon_class(list(named.items()), config=config), named)
+
+    def step(self, handle: TorchHandle, grads: Mapping[str, Any]) -> TorchHandle:
+        """Set `.grad` (sharing the numpy memory, so any in-place change would show) and step."""
+        import torch
+
+        unknown = sorted(set(grads) - set(handle.params))
+        if unknown:
+            raise KeyError(f"gradients for {unknown} have no matching parameter")
+        for name, param in handle.params.items():
+            grad = grads.get(name)
+            try:
+                param.grad = None if grad is None else torch.from_numpy(np.asarray(grad))
+            except RuntimeError as exc:
+                raise ValueError(f"gradient of {name!r} has shape {tuple(np.shape(grad))}, "
+                                 f"expected {tuple(param.shape)} (torch: {exc})") from exc
+        handle.optimizer.step()
+        return handle
+
+    def params(self, handle: TorchHandle) -> dict[str, np.ndarray]:
+        """numpy copies of the parameters."""
+        return {name: p.detach().numpy().copy() for name, p in handle.params.items()}
+
+    def state(self, handle: TorchHandle) -> dict[str, dict[str, Any]]:
+        """`optimizer.state[param]` by name, tensors as numpy, `step` as an int."""
+        state = handle.optimizer.state
+        return {name: {key: int(value) if key == "step" else value.detach().numpy().copy()
+                       for key, value in state[p].items()}
+                for name, p in handle.params.items() if p in state}
+
+    def save(self, handle: TorchHandle) -> dict[str, Any]:
+        """A deep copy of `optimizer.state_dict()`."""
+        return copy.deepcopy(handle.optimizer.state_dict())
+
+    def restore(self, params: Mapping[str, Any], config: MuonConfig,
+                saved: Mapping[str, Any]) -> TorchHandle:
+        """A fresh `Muon` that loads `saved` with `load_state_dict`."""
+        handle = self.make(params, config)
+        handle.optimizer.load_state_dict(saved)
+        return handle
+
+
+@dataclasses.dataclass
+class JaxHandle:
+    """An optax transformation, the parameter dict and the optimizer state."""
+
+    update: Any
+    params: dict[str, Any]
+    state: Any
+    x64: bool
+
+
+class JaxAdapter:
+    """`muon_jax.muon(config, layout="out_in")` over a dict of jnp arrays, its update jitted;
+    float64 runs inside `jax.enable_x64`."""
+
+    name = "jax"
+    capabilities = frozenset({BF16, FLOAT64})
+
+    known_failures = {
+        "bad_inputs[nonfinite_raise]": "under jit a NaN gradient cannot raise a Python "
+        "FloatingPointError: muon_jax raises it from a host callback, which JAX reports as "
+        "JaxRuntimeError with the same message (eager calls raise FloatingPointError)"}
+
+    def __init__(self) -> None:
+        self.muon = _require("muon_jax", "muon", 'pip install "muon-core[jax]"')
+        self._compiled: dict[MuonConfig, tuple[Any, Any]] = {}
+
+    def _transformation(self, config: MuonConfig) -> tuple[Any, Any]:
+        """`(tx, jitted tx.update)` for `config`, built once so compilations are reused."""
+        if config not in self._compiled:
+            import jax
+
+            tx = self.muon(config, layout="out_in")
+            self._compiled[config] = tx, jax.jit(tx.update)
+        return self._compiled[config]
+
+    def _x64(self, enabled: bool) -> Any:
+        import jax
+
+        return jax.enable_x64(enabled)
+
+    def make(self, params: Mapping[str, Any], config: MuonConfig) -> JaxHandle:
+        """Parameters as jnp arrays and `tx.init` state."""
+        import jax.numpy as jnp
+
+        x64 = any(np.asarray(p).dtype == np.float64 for p in params.values())
+        tx, update = self._transformation(config)
+        with self._x64(x64):
+            native = {name: jnp.asarray(np.array(p)) for name, p in params.items()}
+            return JaxHandle(update, native, tx.init(native), x64)
+
+    def step(self, handle: JaxHandle, grads: Mapping[str, Any]) -> JaxHandle:
+        """`tx.update` then `optax.apply_updates`; returns a new handle."""
+        import jax.numpy as jnp
+        import optax
+
+        with self._x64(handle.x64):
+            native = {name: jnp.asarray(np.asarray(g)) for name, g in grads.items()}
+            updates, state = handle.update(native, handle.state, handle.params)
+            params = optax.apply_updates(handle.params, updates)
+            return dataclasses.replace(handle, params=params, state=state)
+
+    def params(self, handle: JaxHandle) -> dict[str, np.ndarray]:
+        """numpy copies of the parameters."""
+        return _numpy_copies(handle.params)
+
+    def state(self, handle: JaxHandle) -> dict[str, dict[str, Any]]:
+        """`MuonState` in the reference's format (one AdamW `count` shared by every leaf)."""
+        st = handle.state
+        out: dict[str, dict[str, Any]] = {
+            name: {"momentum_buffer": np.array(buf)} for name, buf in st.momentum_buffer.items()}
+        for name in st.mu:
+            out[name] = {"step": int(st.count), "exp_avg": np.array(st.mu[name]),
+                         "exp_avg_sq": np.array(st.nu[name])}
+        return out
+
+    def save(self, handle: JaxHandle) -> Any:
+        """The state pytree with numpy leaves."""
+        import jax
+
+        return jax.tree.map(np.array, handle.state)
+
+    def restore(self, params: Mapping[str, Any], config: MuonConfig, saved: Any) -> JaxHandle:
+        """A fresh handle whose state is `saved` as jnp arrays."""
+        import jax
+        import jax.numpy as jnp
+
+        handle = self.make(params, config)
+        with self._x64(handle.x64):
+            return dataclasses.replace(handle, state=jax.tree.map(jnp.asarray, saved))

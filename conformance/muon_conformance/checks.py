@@ -63,8 +63,8 @@ class Check:
 
     @property
     def summary(self) -> str:
-        """The first line of the check's docstring."""
-        return (self.func.__doc__ or "").strip().splitlines()[0]
+        """The first paragraph of the check's docstring, on one line."""
+        return " ".join((self.func.__doc__ or "").strip().split("\n\n")[0].split())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -343,7 +343,7 @@ def _random_shape_case(draw: Any) -> tuple[dict, MuonConfig]:
     return {f"{kind}.weight": shape, f"{kind}.bias": (shape[0],)}, config
 
 
-@_register("random_shapes", [Case("quick", 15), Case("many", 300, slow=True)])
+@_register("random_shapes", [Case("quick", 10), Case("many", 200, slow=True)])
 def check_random_shapes(adapter: Any, examples: int, where: Where) -> None:
     """Hypothesis-drawn shapes (1 to 40 rows and columns, conv, batched) and options follow
     the float64 reference for 3 steps (float32)."""
@@ -540,7 +540,8 @@ def _skip_reason(adapter: Any, case: Case) -> str | None:
 def collect(adapter: Any, checks: Sequence[str] | None = None,
             known_failures: Mapping[str, str] | None = None) -> list[CheckCase]:
     """The runnable cases of `checks` (default: all) for `adapter`, with skip reasons for
-    missing capabilities and reasons from `known_failures` (keys `check` or `check[case]`)."""
+    missing capabilities and known-failure reasons (keys `check` or `check[case]`) from the
+    adapter's optional `known_failures` attribute updated with `known_failures`."""
     unknown = [c for c in (checks or ()) if c not in CHECKS]
     if unknown:
         raise ValueError(f"unknown check(s) {unknown}: expected names from {check_names()}")
@@ -548,7 +549,7 @@ def collect(adapter: Any, checks: Sequence[str] | None = None,
     if bad_capabilities:
         raise ValueError(f"adapter {adapter.name!r} declares unknown capabilities "
                          f"{bad_capabilities}: expected names from {sorted(CAPABILITIES)}")
-    known = dict(known_failures or {})
+    known = {**getattr(adapter, "known_failures", {}), **(known_failures or {})}
     cases = []
     for check in (CHECKS[name] for name in (checks or CHECKS)):
         for case in check.cases:
@@ -572,8 +573,9 @@ def _check_known_failures(known: Mapping[str, str], cases: Sequence[CheckCase]) 
 
 def run_checks(adapter: Any, checks: Sequence[str] | None = None,
                include_slow: bool = False) -> dict[str, str]:
-    """Run the cases directly (no pytest); return `{case id: failure message}` for the failures.
-    Cases skipped for a missing capability, and slow ones unless asked, are not run."""
+    """Run the cases directly (no pytest); return `{case id: failure message}` for every
+    failure, known ones included. Cases skipped for a missing capability, and slow ones unless
+    asked, are not run."""
     failures = {}
     for case in collect(adapter, checks):
         if case.skip or (case.slow and not include_slow):
