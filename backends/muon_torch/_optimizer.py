@@ -183,11 +183,19 @@ class Muon(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by `state_dict()` from an optimizer routed the same way."""
-        for i, (group, saved) in enumerate(zip(self.param_groups, state_dict["param_groups"])):
+        saved_groups = state_dict["param_groups"]
+        for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             if saved.get("algorithm") != group["algorithm"]:
                 raise ValueError(f"param group {i} holds {group['algorithm']} parameters but the "
                                  f"state dict's group {i} has algorithm={saved.get('algorithm')!r}"
-                                 ": expected a state saved from the same model and routing")
+                                 ": expected a state saved by muon_torch.Muon on the same model")
+            for index, param in zip(saved["params"], group["params"]):
+                for key, value in state_dict["state"].get(index, {}).items():
+                    if value.ndim and value.shape != param.shape:
+                        raise ValueError(f"state {key!r} of parameter "
+                                         f"{self._entries[param].name!r} has shape "
+                                         f"{tuple(value.shape)}, expected the parameter's shape "
+                                         f"{tuple(param.shape)}")
         super().load_state_dict(state_dict)
 
     def __getstate__(self) -> dict[str, Any]:

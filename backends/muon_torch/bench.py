@@ -1,0 +1,106 @@
+"""Side-by-side timings of muon_torch against torch.optim.Muon + torch.optim.AdamW (CPU)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import muon_core
+import torch
+from muon_core import MuonConfig
+from torch.optim._muon import _zeropower_via_newtonschulz as peer_newton_schulz
+
+from muon_torch._newton_schulz import newton_schulz
+from muon_torch._optimizer import Muon
+
+PEER = "torch.optim.Muon + torch.optim.AdamW"
+# Settings both optimizers can express: Keller's coefficients, EMA Nesterov momentum, no QKV split.
+SETTINGS = MuonConfig(lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True,
+                      ns_coefficients="keller", ns_steps=5, eps=1e-7, ns_dtype="bfloat16",
+                      lr_scaling="original", split_qkv=False)
+
+
+def _named_tensors(shapes: Mapping[str, tuple[int, ...]], seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(s, generator=generator) / math.sqrt(s[-1]) for n, s in shapes.items()}
+
+
+def _with_grads(values: Mapping[str, torch.Tensor],
+                grads: Mapping[str, torch.Tensor]) -> dict[str, torch.nn.Parameter]:
+    params = {}
+    for name, value in values.items():
+        params[name] = torch.nn.Parameter(value.clone())
+        params[name].grad = grads[name].clone()
+    return params
+
+
+def peer_optimizers(params: Mapping[str, torch.nn.Parameter], config: MuonConfig,
+                    plan: muon_core.Plan | None = None) -> dict[str, torch.optim.Optimizer]:
+    """{"muon": torch.optim.Muon, "adamw": torch.optim.AdamW (its defaults otherwise)} on the
+    parameters `plan` (default: the core's plan of `params`) routes to each, at `config`'s
+    settings; an empty half is left out."""
+    plan = plan or muon_core.plan({n: tuple(p.shape) for n, p in params.items()}, config)
+    hidden = [params[e.name] for e in plan.muon]
+    rest = [params[e.name] for e in plan.adamw]
+    peers = {}
+    if hidden:
+        peers["muon"] = torch.optim.Muon(
+            hidden, lr=config.lr, weight_decay=config.weight_decay, momentum=config.momentum,
+            nesterov=config.nesterov, ns_coefficients=muon_core.ns_schedule("keller").coefficients[0],
+            eps=config.eps, ns_steps=config.ns_steps, adjust_lr_fn=config.lr_scaling)
+    if rest:
+        peers["adamw"] = torch.optim.AdamW(rest, lr=config.adamw.lr, betas=config.adamw.betas,
+                                           eps=config.adamw.eps,
+                                           weight_decay=config.adamw.weight_decay)
+    return peers
+
+
+def _row(what: str, times: Mapping[str, float]) -> dict:
+    return {"what": what, "ours_s": times["ours"], "peer_s": times["peer"],
+            "ratio": times["ours"] / times["peer"], "peer": PEER}
+
+
+def _step_contenders(shapes: Mapping[str, tuple[int, ...]],
+                     config: MuonConfig) -> dict[str, Callable[[], object]]:
+    values = _named_tensors(shapes, seed=0)
+    grads = _named_tensors(shapes, seed=1)
+    ours = Muon(list(_with_grads(values, grads).items()), config)
+    peers = peer_optimizers(_with_grads(values, grads), config)
+    return {"ours": ours.step, "peer": lambda: [opt.step() for opt in peers.values()]}
+
+
+def _ns_contenders(shapes: Mapping[str, tuple[int, ...]],
+                   config: MuonConfig) -> dict[str, Callable[[], object]]:
+    plan = muon_core.plan(shapes, config)
+    schedule = muon_core.ns_schedule(config.ns_coefficients, config.ns_steps)
+    values = _named_tensors({e.name: e.shape for e in plan.muon}, seed=2)
+    stacks: dict[tuple[int, ...], list[torch.Tensor]] = {}
+    for name, value in values.items():
+        stacks.setdefault(tuple(value.shape), []).append(value)
+    batched = [torch.stack(group) for group in stacks.values()]
+    coefficients = schedule.coefficients[0]
+    return {"ours": lambda: [newton_schulz(b.bfloat16(), schedule, config.eps) for b in batched],
+            "peer": lambda: [peer_newton_schulz(v, coefficients, config.ns_steps, config.eps)
+                             for v in values.values()]}
+
+
+def compare_on(shapes: Mapping[str, tuple[int, ...]], rounds: int = 5,
+               threads: int = 1) -> list[dict]:
+    """Timings on the parameter set `shapes` (see `compare`)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        rows = [("full step, bf16 NS, same settings", _step_contenders, SETTINGS),
+                ("full step, bf16 NS, our default QKV split", _step_contenders,
+                 SETTINGS.replace(split_qkv=True)),
+                ("Newton-Schulz alone, bf16, GPT-2 matrices", _ns_contenders, SETTINGS)]
+        return [_row(what, muon_core.interleaved_times(make(shapes, config), rounds=rounds))
+                for what, make, config in rows]
+    finally:
+        torch.set_num_threads(previous)
+
+
+def compare(rounds: int = 5, threads: int = 1) -> list[dict]:
+    """Median seconds of our step and of the peer pair's on GPT-2 small (`gpt2_shapes()`), one
+    dict per measurement: {"what", "ours_s", "peer_s", "ratio" (ours / peer), "peer"}."""
+    return compare_on(muon_core.gpt2_shapes(), rounds, threads)
