@@ -1,4 +1,4 @@
-"""Time the jitted muon_jax update against optax.contrib.muon on GPT-2 small; print a markdown table.
+"""Time the jitted muon_jax update against optax.contrib.muon on GPT-2 small (markdown table).
 
 Usage: python benchmarks/jax_update.py [--rounds N] [--threads N]
 """

@@ -42,7 +42,8 @@ def _check_sharded_steps(axis_type: str) -> None:
     assert jax.device_count() == DEVICES, jax.devices()
     mesh = jax.make_mesh((DEVICES,), ("model",), axis_types=(getattr(AxisType, axis_type),))
     specs = {"embed": P("model", None), "h.0.qkv": P(None, "model"), "h.0.fc": P("model", None),
-             "h.1.fc": P(None, "model"), "h.1.bias": P("model"), "conv": P(None, None, None, "model")}
+             "h.1.fc": P(None, "model"), "h.1.bias": P("model"),
+             "conv": P(None, None, None, "model")}
     shapes = {"embed": (16, 8), "h.0.qkv": (8, 24), "h.0.fc": (8, 32), "h.1.fc": (32, 8),
               "h.1.bias": (8,), "conv": (3, 3, 4, 8)}
     rng = np.random.default_rng(0)
@@ -56,7 +57,7 @@ def _check_sharded_steps(axis_type: str) -> None:
         params = place(params)
         state = tx.init(params)
         step = jax.jit(tx.update)
-        states = []
+        states = [state]
         for g in grads_list:
             updates, state = step(place(g), state, params)
             params = optax.apply_updates(params, updates)

@@ -25,7 +25,7 @@ SETTINGS = MuonConfig(lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True,
 
 
 def pin_threads(threads: int | None) -> None:
-    """Ask XLA's CPU client for `threads` threads; it only listens before JAX's first computation."""
+    """Ask XLA's CPU client for `threads` threads (heard only before JAX's first computation)."""
     if threads is None:
         return
     flags = f"--xla_cpu_multi_thread_eigen={str(threads > 1).lower()} " \
@@ -45,7 +45,8 @@ def in_out_shapes(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int,
     return {n: tuple(reversed(s)) if len(s) == 2 else tuple(s) for n, s in shapes.items()}
 
 
-def peer_transform(params: Mapping[str, jax.Array], config: MuonConfig) -> optax.GradientTransformation:
+def peer_transform(params: Mapping[str, jax.Array],
+                   config: MuonConfig) -> optax.GradientTransformation:
     """optax.contrib.muon at `config`'s settings, sending exactly the leaves our plan routes to
     Muon there (through `muon_weight_dimension_numbers`, None for the AdamW leaves)."""
     dims = {e.name: optax.contrib.MuonDimensionNumbers(reduction_axis=0, output_axis=1)
