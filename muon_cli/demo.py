@@ -92,6 +92,8 @@ def run_torch(algorithm: str, settings: Settings, progress: bool | None = None) 
 
     torch.manual_seed(settings.seed)
     model = DigitsMLP()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the matrices are small: more threads only add overhead
     if algorithm == "muon":
         from muon_torch import Muon
 
@@ -115,7 +117,10 @@ def run_torch(algorithm: str, settings: Settings, progress: bool | None = None) 
                 "test_loss": F.cross_entropy(logits, y_test).item(),
                 "test_accuracy": (logits.argmax(1) == y_test).float().mean().item()}
 
-    return train_loop(step, evaluate, settings, algorithm, progress)
+    try:
+        return train_loop(step, evaluate, settings, algorithm, progress)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run_jax(algorithm: str, settings: Settings, progress: bool | None = None) -> dict:
