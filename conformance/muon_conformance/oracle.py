@@ -44,10 +44,18 @@ def base_config(**changes: Any) -> MuonConfig:
     return config.replace(**changes)
 
 
+def _flat_options(config: MuonConfig) -> dict[str, Any]:
+    data = config.to_dict()
+    adamw = data.pop("adamw")
+    data.pop("rules")
+    return data | {f"adamw.{key}": value for key, value in adamw.items()}
+
+
 def describe_options(config: MuonConfig) -> str:
-    """The options that differ from `MuonConfig()`'s defaults, as `key=value` text."""
-    default = MuonConfig().to_dict()
-    changed = {k: v for k, v in config.to_dict().items() if v != default[k] and k != "rules"}
+    """The options that differ from `MuonConfig()`'s defaults, as `key=value` text (rules,
+    the same in every case but the routing check's, are left out)."""
+    default = _flat_options(MuonConfig())
+    changed = {k: v for k, v in _flat_options(config).items() if v != default[k]}
     return ", ".join(f"{k}={v!r}" for k, v in changed.items()) or "defaults"
 
 

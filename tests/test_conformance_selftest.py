@@ -1,0 +1,141 @@
+"""The conformance suite tests itself: deliberately broken adapters must each be caught by the
+check that targets their defect, and the correct in-tree adapters must pass every check.
+
+Each broken adapter is the numpy reference adapter with exactly one thing changed. "No transpose
+for tall matrices" is modelled as transposing a tall matrix for Newton-Schulz and reshaping the
+result back instead of transposing it: skipping the transpose altogether computes the same
+polynomial (`X (XᵀX)ᵏ = (XXᵀ)ᵏ X`), costs more but is not wrong, so no check can or should fail.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from muon_core import from_matrices, lr_scale, ns_schedule, to_matrices
+from muon_conformance import run_checks
+from muon_conformance.adapters import NumpyAdapter, StrictAdapter
+
+KELLER_TYPO = (3.4445, -4.7750, 2.0135)  # c should be 2.0315
+
+
+class WrongCoefficient(NumpyAdapter):
+    """Keller's c coefficient mistyped."""
+
+    def make(self, params, config):
+        if config.ns_coefficients == "keller":
+            config = config.replace(ns_coefficients=KELLER_TYPO)
+        return super().make(params, config)
+
+
+class NesterovIgnored(NumpyAdapter):
+    """Always plain momentum, whatever `nesterov` says."""
+
+    def make(self, params, config):
+        return super().make(params, config.replace(nesterov=False))
+
+
+class WrongLrScale(NumpyAdapter):
+    """LR scale computed for (in, out) instead of (out, in)."""
+
+    def make(self, params, config):
+        handle = super().make(params, config)
+        entries = [dataclasses.replace(e, lr_scales=tuple(
+            lr_scale(e.matrix_shape[2], rows, config.lr_scaling) for rows in e.blocks))
+            if e.is_muon else e for e in handle.plan]
+        handle.plan = dataclasses.replace(handle.plan, entries=tuple(entries))
+        return handle
+
+
+class _EditsMuonSteps(NumpyAdapter):
+    """Takes the reference step, then rewrites each Muon parameter's result with `edit`."""
+
+    def edit(self, entry, old, new, config):
+        raise NotImplementedError
+
+    def step(self, handle, grads):
+        old = dict(handle.params)
+        handle = super().step(handle, grads)
+        for entry in handle.plan.muon:
+            handle.params[entry.name] = self.edit(entry, old[entry.name],
+                                                  handle.params[entry.name], handle.config)
+        return handle
+
+
+class NoTransposeBack(_EditsMuonSteps):
+    """A tall matrix is transposed for Newton-Schulz and reshaped, not transposed, back."""
+
+    def edit(self, entry, old, new, config):
+        _, rows, cols = entry.matrix_shape
+        if old.ndim != 2 or rows <= cols:
+            return new
+        decayed = old * (1 - config.lr * config.weight_decay)
+        update = (decayed - new) / config.lr
+        return decayed - config.lr * update.T.reshape(update.shape)
+
+
+class DecayWithScaledLr(_EditsMuonSteps):
+    """Weight decay multiplied by the shape's LR scale: `p (1 - lr scale wd)`."""
+
+    def edit(self, entry, old, new, config):
+        row_scales = np.repeat(entry.lr_scales, entry.blocks)[:, None]
+        extra = to_matrices(old, entry) * (row_scales - 1.0) * config.lr * config.weight_decay
+        return new - from_matrices(extra, entry)
+
+
+class MomentumNotSaved(NumpyAdapter):
+    """The snapshot leaves the Muon momentum buffers out."""
+
+    def save(self, handle):
+        return {name: entry for name, entry in super().save(handle).items()
+                if "momentum_buffer" not in entry}
+
+
+# broken adapter -> (check that must catch it, a case it must fail, parameter named)
+BROKEN = {
+    WrongCoefficient: ("ns_golden", "ns_golden[keller_diag34-float32]", "m.weight"),
+    NesterovIgnored: ("trajectory", "trajectory[defaults]", "weight"),
+    NoTransposeBack: ("trajectory", "trajectory[defaults]", "'tall.weight'"),
+    WrongLrScale: ("trajectory", "trajectory[defaults]", "'tall.weight'"),
+    DecayWithScaledLr: ("trajectory", "trajectory[defaults]", "'tall.weight'"),
+    MomentumNotSaved: ("resume", "resume[defaults]", "weight"),
+}
+
+
+def test_the_typo_is_a_real_change():
+    # Guard against a vacuous self-test: the perturbed schedule differs from keller's.
+    assert ns_schedule(KELLER_TYPO).coefficients != ns_schedule("keller").coefficients
+
+
+@pytest.mark.parametrize("broken", BROKEN, ids=lambda cls: cls.__name__)
+def test_broken_adapter_is_caught(broken):
+    check, case, named = BROKEN[broken]
+    failures = run_checks(broken(), [check])
+    assert case in failures, f"{broken.__name__} passed {check}: {sorted(failures)}"
+    message = failures[case]
+    assert f"check {case}" in message and named in message
+    assert "exceeds the" in message or "expected" in message
+
+
+def test_no_transpose_back_is_also_caught_by_the_transpose_invariant():
+    failures = run_checks(NoTransposeBack(), ["ns_invariants"])
+    assert "ns_invariants[transpose-float32]" in failures
+
+
+@pytest.mark.parametrize("broken", [WrongCoefficient, NesterovIgnored, WrongLrScale,
+                                    DecayWithScaledLr, NoTransposeBack])
+def test_state_only_defects_are_left_to_resume(broken):
+    # The trajectory defects keep save/restore intact: resume alone must not flag them.
+    assert run_checks(broken(), ["resume"]) == {}
+
+
+def test_momentum_not_saved_follows_the_reference_until_restored():
+    # Only the resume check sees it: a single uninterrupted run is correct.
+    assert run_checks(MomentumNotSaved(), ["trajectory", "state"]) == {}
+
+
+@pytest.mark.parametrize("adapter", [NumpyAdapter, StrictAdapter], ids=lambda c: c.name)
+def test_correct_adapters_pass_every_check(adapter):
+    assert run_checks(adapter()) == {}
