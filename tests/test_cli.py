@@ -105,17 +105,22 @@ def test_batch_indices_are_shuffled_epochs():
 
 
 def test_summary_counts_steps_to_adamw_best():
-    curves = {"muon": {"step": [0, 10, 20, 30], "loss": [2.0, 0.5, 0.2, 0.1],
-                       "test_accuracy": [0.1, 0.8, 0.9, 0.95], "train_seconds": 2.0},
-              "adamw": {"step": [0, 10, 20, 30], "loss": [2.0, 1.0, 0.4, 0.3],
-                        "test_accuracy": [0.1, 0.6, 0.8, 0.9], "train_seconds": 1.0}}
+    curves = {"muon": {"step": [0, 10, 20, 30], "seconds": [0.0, 0.5, 1.0, 1.5],
+                       "loss": [2.0, 0.5, 0.2, 0.1], "test_accuracy": [0.1, 0.8, 0.9, 0.95],
+                       "train_seconds": 1.5},
+              "adamw": {"step": [0, 10, 20, 30], "seconds": [0.0, 0.2, 0.4, 0.6],
+                        "loss": [2.0, 1.0, 0.4, 0.3], "test_accuracy": [0.1, 0.6, 0.8, 0.9],
+                        "train_seconds": 0.6}}
     summary = demo.summarize(curves)
     assert summary["adamw"]["steps_to_adamw_best"] == 30
     assert summary["muon"]["steps_to_adamw_best"] == 20
+    assert summary["muon"]["seconds_to_adamw_best"] == 1.0
+    assert summary["adamw"]["seconds_to_adamw_best"] == 0.6
     assert summary["muon"]["final_loss"] == 0.1 and summary["adamw"]["best_loss"] == 0.3
     assert "1.5x fewer steps" in demo.speedup_line(summary)
     table = demo.format_table(summary)
-    assert table.splitlines()[2].split()[:2] == ["muon", "0.1000"]
+    assert table.splitlines()[2].split() == ["muon", "0.1000", "0.1000", "95.0%", "20", "1.00",
+                                             "s", "1.50", "s"]
 
 
 def _check_demo_outputs(out_dir, steps):
