@@ -27,3 +27,33 @@ def digits_split(test_fraction: float = 0.2, seed: int = 0):
     n_test = round(len(y) * test_fraction)
     test, train = order[:n_test], order[n_test:]
     return x[train], y[train], x[test], y[test]
+
+
+VOCAB = 96  # '\n' and the printable ASCII characters ' ' to '~'
+CORPUS_MODULES = ("textwrap", "argparse", "dataclasses", "fractions", "statistics", "difflib")
+
+
+def python_source_text(modules: tuple[str, ...] = CORPUS_MODULES) -> str:
+    """Source code of some standard-library modules: a corpus every Python install has."""
+    import importlib
+    import inspect
+
+    return "\n".join(inspect.getsource(importlib.import_module(name)) for name in modules)
+
+
+def encode_chars(text: str) -> np.ndarray:
+    """Characters as ids in [0, VOCAB): '\\n' is 0, ' '..'~' are 1..95, anything else is '?'."""
+    codes = np.frombuffer(text.encode("ascii", "replace"), dtype=np.uint8).astype(np.int64)
+    ids = codes - 31
+    ids[codes == 10] = 0
+    ids[(codes != 10) & ((codes < 32) | (codes > 126))] = ord("?") - 31
+    return ids
+
+
+def char_windows(ids: np.ndarray, context: int, batch_size: int, rng: np.random.Generator):
+    """A random batch of `(inputs, targets)`, each `(batch_size, context)`; targets are shifted by one."""
+    if len(ids) <= context:
+        raise ValueError(f"context={context} is invalid: the text has only {len(ids)} characters")
+    starts = rng.integers(0, len(ids) - context, size=batch_size)
+    window = starts[:, None] + np.arange(context + 1)
+    return ids[window[:, :-1]], ids[window[:, 1:]]
