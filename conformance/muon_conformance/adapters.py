@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Mapping
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from muon_core import MuonConfig, Plan, plan, reference_step
-from muon_conformance.adapter import BF16, FLOAT64, BackendUnavailable
+from muon_conformance.adapter import BF16, DISTRIBUTED, FLOAT64, BackendUnavailable
 
 
 def _numpy_copies(arrays: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -196,10 +202,11 @@ class JaxHandle:
 
 class JaxAdapter:
     """`muon_jax.muon(config, layout="out_in")` over a dict of jnp arrays, its update jitted;
-    float64 runs inside `jax.enable_x64`."""
+    float64 runs inside `jax.enable_x64`; `run_distributed` shards the parameters over host
+    devices in a fresh interpreter."""
 
     name = "jax"
-    capabilities = frozenset({BF16, FLOAT64})
+    capabilities = frozenset({BF16, FLOAT64, DISTRIBUTED})
 
     known_failures = {
         "bad_inputs[nonfinite_raise]": "under jit a NaN gradient cannot raise a Python "
@@ -273,3 +280,59 @@ class JaxAdapter:
         handle = self.make(params, config)
         with self._x64(handle.x64):
             return dataclasses.replace(handle, state=jax.tree.map(jnp.asarray, saved))
+
+    def run_distributed(self, params: Mapping[str, Any], config: MuonConfig,
+                        grads: Sequence[Mapping[str, Any]], world_size: int) -> dict:
+        """The final parameters after `grads`, each parameter sharded over `world_size` CPU
+        devices (JAX reads the device count at start-up, hence the subprocess)."""
+        with tempfile.TemporaryDirectory() as folder:
+            inputs, outputs = Path(folder, "inputs.pkl"), Path(folder, "outputs.pkl")
+            inputs.write_bytes(pickle.dumps({
+                "params": dict(params), "grads": [dict(g) for g in grads],
+                "config": config.to_dict(), "world_size": world_size}))
+            env = dict(os.environ, JAX_PLATFORMS="cpu",
+                       XLA_FLAGS=f"--xla_force_host_platform_device_count={world_size}")
+            code = ("import sys; from muon_conformance.adapters import jax_sharded_run; "
+                    "jax_sharded_run(sys.argv[1], sys.argv[2])")
+            done = subprocess.run([sys.executable, "-c", code, str(inputs), str(outputs)],
+                                  env=env, capture_output=True, text=True, timeout=600)
+            if done.returncode != 0:
+                raise RuntimeError(f"the sharded JAX run failed:\n{done.stderr[-3000:]}")
+            return pickle.loads(outputs.read_bytes())
+
+
+def partition_axes(shape: Sequence[int], world_size: int) -> tuple[str | None, ...]:
+    """A PartitionSpec's entries: the first axis divisible by `world_size` is split over
+    "workers"; a tensor with no such axis is replicated."""
+    axis = next((i for i, size in enumerate(shape) if size % world_size == 0), None)
+    return tuple("workers" if i == axis else None for i in range(len(shape)))
+
+
+def jax_sharded_run(inputs: str, outputs: str) -> None:
+    """Run `muon_jax.muon` jitted on parameters sharded over every host device (the worker of
+    `JaxAdapter.run_distributed`); reads and writes pickles."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+    import muon_jax
+
+    data = pickle.loads(Path(inputs).read_bytes())
+    world_size = data["world_size"]
+    if jax.device_count() != world_size:
+        raise RuntimeError(f"expected {world_size} devices, found {jax.device_count()}")
+    mesh = jax.make_mesh((world_size,), ("workers",), axis_types=(AxisType.Auto,))
+
+    def place(arrays: Mapping[str, Any]) -> dict[str, Any]:
+        return {name: jax.device_put(jnp.asarray(a), NamedSharding(
+            mesh, PartitionSpec(*partition_axes(np.shape(a), world_size))))
+            for name, a in arrays.items()}
+
+    tx = muon_jax.muon(MuonConfig.from_dict(data["config"]), layout="out_in")
+    params = place(data["params"])
+    state, update = tx.init(params), jax.jit(tx.update)
+    for grads in data["grads"]:
+        updates, state = update(place(grads), state, params)
+        params = optax.apply_updates(params, updates)
+    Path(outputs).write_bytes(pickle.dumps(_numpy_copies(params)))

@@ -511,8 +511,8 @@ def check_inputs_unchanged(adapter: Any, _: Any, where: Where) -> None:
 
 
 @_register("distributed", [Case(name, 2, base_config(**OPTIONS[name]),
-                                needs=frozenset({DISTRIBUTED}))
-                           for name in ("defaults", "sum_no_nesterov")])
+                                needs=frozenset({DISTRIBUTED}), slow=slow)
+                           for name, slow in (("defaults", False), ("sum_no_nesterov", True))])
 def check_distributed(adapter: Any, world_size: int, where: Where) -> None:
     """`run_distributed` on 2 workers ends where the single-process reference does after
     5 steps (float32)."""
@@ -559,16 +559,16 @@ def collect(adapter: Any, checks: Sequence[str] | None = None,
                              case.slow, _skip_reason(adapter, case))
             cases.append(dataclasses.replace(item, known_failure=known.get(
                 item.id, known.get(check.name))))
-    _check_known_failures(known, cases)
+    _check_known_failures(known)
     return cases
 
 
-def _check_known_failures(known: Mapping[str, str], cases: Sequence[CheckCase]) -> None:
-    names = {c.check for c in cases} | {c.id for c in cases}
+def _check_known_failures(known: Mapping[str, str]) -> None:
+    names = set(CHECKS) | {f"{c.name}[{case.name}]" for c in CHECKS.values() for case in c.cases}
     unknown = sorted(set(known) - names)
     if unknown:
         raise ValueError(f"known failures name no check or case: {unknown}; expected a check "
-                         f"name such as {cases[0].check!r} or an id such as {cases[0].id!r}")
+                         "name such as 'trajectory' or an id such as 'trajectory[defaults]'")
 
 
 def run_checks(adapter: Any, checks: Sequence[str] | None = None,
