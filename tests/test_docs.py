@@ -58,3 +58,33 @@ def test_every_markdown_page_is_in_the_nav(site):
     pages = {p.stem for p in (ROOT / "docs").glob("*.md") if p.stem != "index"}
     assert pages <= built, f"not built: {sorted(pages - built)}"
 
+
+
+def _python_blocks(path: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", path.read_text(encoding="utf-8"), re.S)
+
+
+@pytest.mark.torch
+def test_readme_torch_example_runs(monkeypatch, capsys):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("muon_torch")
+    monkeypatch.chdir(ROOT)
+    ids = torch.randint(0, 96, (2, 4, 64))
+    namespace = {"batches": [(ids[0], ids[1])]}
+    exec(_python_blocks(ROOT / "README.md")[0], namespace)
+    assert "h.0.attn.qkv.weight" in capsys.readouterr().out
+    assert namespace["opt"].state, "the optimizer took no step"
+
+
+@pytest.mark.jax
+def test_readme_jax_example_runs(monkeypatch):
+    pytest.importorskip("muon_jax")
+    import jax.numpy as jnp
+
+    monkeypatch.chdir(ROOT)
+    namespace: dict = {}
+    exec(_python_blocks(ROOT / "README.md")[1], namespace)
+    ids = jnp.arange(128).reshape(2, 64) % 96
+    params, _ = namespace["step"](namespace["params"], namespace["state"], ids, ids)
+    before = namespace["params"]["h"]["0"]["mlp"]["fc"]["kernel"]
+    assert not jnp.allclose(params["h"]["0"]["mlp"]["fc"]["kernel"], before)
