@@ -196,6 +196,13 @@ def test_cli_passes_a_correct_backend():
     assert "passed" in result.stdout
 
 
+def test_cli_hands_unknown_options_to_pytest():
+    # `muon conformance --backend numpy -q -k ...` passes pytest options without `--`.
+    result = _run("-m", "muon_conformance", "--backend", "numpy", "-q", "-k", "keller_2x3")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 passed, 1 skipped" in result.stdout  # keller_2x3 in float32, float64; no bf16
+
+
 def test_cli_reports_a_broken_backend_and_honours_known_failures(tmp_path):
     (tmp_path / "broken.py").write_text(BROKEN_MODULE)
     args = ("-m", "muon_conformance", "--backend", "broken:NesterovIgnored", "--checks",

@@ -1,5 +1,6 @@
 """`python -m muon_conformance --backend NAME [options] [-- pytest args]`: a thin wrapper that
-runs the package's `suite.py` under pytest with the plugin; the exit code is pytest's."""
+runs the package's `suite.py` under pytest with the plugin; the exit code is pytest's.
+Options it does not know (`-x`, `-q`, ...) and everything after `--` go to pytest."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ PLUGIN = "muon_conformance.plugin"
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options (pytest's own go after `--`)."""
     parser = argparse.ArgumentParser(
-        prog="python -m muon_conformance",
+        prog="python -m muon_conformance", allow_abbrev=False,
         description="Check a Muon backend against the muon_core specification.",
-        epilog="Arguments after -- go to pytest, e.g. -- -x -k trajectory.")
+        epilog="Other options and everything after -- go to pytest, e.g. -- -x -k trajectory.")
     parser.add_argument("--backend", metavar="NAME",
                         help="registered backend name or module:attribute of an adapter")
     parser.add_argument("--known-failures", metavar="FILE",
@@ -65,10 +66,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ours, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv \
         else (argv, [])
     parser = build_parser()
-    options = parser.parse_args(ours)
+    options, unknown = parser.parse_known_args(ours)
     if options.list:
         print(listing())
         return 0
     if not options.backend:
         parser.error("--backend NAME is required (see --list for the registered names)")
-    return int(pytest.main(pytest_args(options, extra)))
+    return int(pytest.main(pytest_args(options, unknown + extra)))
