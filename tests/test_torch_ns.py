@@ -7,8 +7,9 @@ torch = pytest.importorskip("torch")
 
 import muon_core  # noqa: E402
 from muon_torch import frobenius_norm, newton_schulz  # noqa: E402
+from torch_helpers import one_thread  # noqa: E402, F401
 
-pytestmark = pytest.mark.torch
+pytestmark = [pytest.mark.torch, pytest.mark.usefixtures("one_thread")]
 KELLER = muon_core.ns_schedule("keller", 5)
 
 

@@ -8,8 +8,9 @@ torch = pytest.importorskip("torch")
 import muon_core  # noqa: E402
 from muon_core import MuonConfig, Rule  # noqa: E402
 from muon_torch import Muon  # noqa: E402
+from torch_helpers import one_thread  # noqa: E402, F401
 
-pytestmark = pytest.mark.torch
+pytestmark = [pytest.mark.torch, pytest.mark.usefixtures("one_thread")]
 
 # Tall, wide, fused QKV, conv, per-expert batch (explicit dims), a permuted view, AdamW tensors.
 SHAPES = {

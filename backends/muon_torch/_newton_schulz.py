@@ -41,11 +41,18 @@ def newton_schulz(x: torch.Tensor, schedule: NSSchedule, eps: float) -> torch.Te
     tall = shape[-2] > shape[-1]
     if tall:
         x = x.mT
-    x = x / (frobenius_norm(x) * schedule.norm_scale).clamp_min(eps)
+    scale = (frobenius_norm(x) * schedule.norm_scale).clamp_min(eps)
+    # Row-major even for a transposed view (torch's GEMMs prefer it), and every iteration writes
+    # into buffers allocated once: a fresh large tensor per product costs page faults on CPU.
+    x = torch.div(x, scale, out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
+    spare = torch.empty_like(x)
+    gram = x.new_empty((x.shape[0], x.shape[1], x.shape[1]))
+    poly = torch.empty_like(gram)
     for a, b, c in schedule.coefficients:
-        gram = x @ x.mT
-        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
-        x = torch.baddbmm(x, poly, x, beta=a)
+        torch.bmm(x, x.mT, out=gram)
+        torch.baddbmm(gram, gram, gram, beta=b, alpha=c, out=poly)
+        torch.baddbmm(x, poly, x, beta=a, out=spare)
+        x, spare = spare, x
     if tall:
         x = x.mT
     return x.reshape(shape)

@@ -68,27 +68,35 @@ def _ns_settings(group: Mapping[str, Any]) -> tuple[torch.dtype, muon_core.NSSch
                                                                group["ns_steps"])
 
 
-def _momentum_directions(grads: list[torch.Tensor], bufs: list[torch.Tensor],
-                         group: Mapping[str, Any]) -> list[torch.Tensor]:
-    """Update the momentum buffers in place; return the directions to orthogonalize."""
-    beta, nesterov = group["momentum"], group["nesterov"]
-    if group["momentum_kind"] == "ema":  # m = beta m + (1 - beta) g; Nesterov: (1-beta) g + beta m
+def _update_momentum(grads: list[torch.Tensor], bufs: list[torch.Tensor],
+                     group: Mapping[str, Any]) -> None:
+    """EMA: `m = beta m + (1 - beta) g`; sum: `m = beta m + g` (in place)."""
+    beta = group["momentum"]
+    if group["momentum_kind"] == "ema":
         torch._foreach_lerp_(bufs, grads, 1.0 - beta)
-        return torch._foreach_lerp(grads, bufs, beta) if nesterov else bufs
-    torch._foreach_mul_(bufs, beta)  # sum: m = beta m + g; Nesterov: g + beta m
-    torch._foreach_add_(bufs, grads)
-    return torch._foreach_add(grads, bufs, alpha=beta) if nesterov else bufs
+    else:
+        torch._foreach_mul_(bufs, beta)
+        torch._foreach_add_(bufs, grads)
 
 
 def _to_matrices(x: torch.Tensor, entry: ParamPlan) -> torch.Tensor:
     return x.permute(entry.perm).reshape(entry.matrix_shape)
 
 
-def _stack(sources: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """Concatenate `(batch, rows, cols)` blocks along the batch axis, casting to `dtype`."""
-    count = sum(s.shape[0] for s in sources)
-    out = torch.empty((count, *sources[0].shape[1:]), dtype=dtype, device=sources[0].device)
-    return torch.cat(sources, out=out)
+def _write_direction(out: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor, entry: ParamPlan,
+                     index: int, group: Mapping[str, Any]) -> None:
+    """Write block `index` of the direction to orthogonalize into `out` (in the NS dtype).
+
+    Nesterov looks one step ahead: EMA `(1 - beta) g + beta m`, sum `g + beta m`; else `m`.
+    """
+    rows = slice(entry.block_offsets[index], entry.block_offsets[index] + entry.blocks[index])
+    momentum = _to_matrices(buf, entry)[:, rows]
+    if not group["nesterov"]:
+        out.copy_(momentum)
+    elif group["momentum_kind"] == "ema":
+        torch.lerp(_to_matrices(grad, entry)[:, rows], momentum, group["momentum"], out=out)
+    else:
+        torch.add(_to_matrices(grad, entry)[:, rows], momentum, alpha=group["momentum"], out=out)
 
 
 def _add_block(param: torch.Tensor, entry: ParamPlan, index: int, update: torch.Tensor,
@@ -248,21 +256,23 @@ class Muon(torch.optim.Optimizer):
                 if not self.state[p]:
                     self.state[p]["momentum_buffer"] = torch.zeros_like(
                         p, memory_format=torch.preserve_format)
+            grads = [p.grad for p in params]
             bufs = [self.state[p]["momentum_buffer"] for p in params]
-            directions = _momentum_directions([p.grad for p in params], bufs, group)
+            _update_momentum(grads, bufs, group)
             torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
-            for p, direction in zip(params, directions):
+            for p, grad, buf in zip(params, grads, bufs):
                 entry = self._entries[p]
-                matrices = _to_matrices(direction, entry)
-                for index, (start, rows, scale) in enumerate(
-                        zip(entry.block_offsets, entry.blocks, entry.lr_scales)):
+                for index, (rows, scale) in enumerate(zip(entry.blocks, entry.lr_scales)):
                     key = (p.device, rows, entry.matrix_shape[2], dtype, schedule, group["eps"])
                     batches.setdefault(key, []).append(
-                        (p, entry, index, matrices[:, start:start + rows], -group["lr"] * scale))
-        for (_, _, _, dtype, schedule, eps), blocks in batches.items():
-            ortho = newton_schulz(_stack([b[3] for b in blocks], dtype), schedule, eps)
-            updates = ortho.split([b[3].shape[0] for b in blocks])
-            for (p, entry, index, _, alpha), update in zip(blocks, updates):
+                        (p, entry, index, grad, buf, group, -group["lr"] * scale))
+        for (device, rows, cols, dtype, schedule, eps), blocks in batches.items():
+            counts = [block[1].matrix_shape[0] for block in blocks]
+            stack = torch.empty((sum(counts), rows, cols), dtype=dtype, device=device)
+            for (p, entry, index, grad, buf, group, _), out in zip(blocks, stack.split(counts)):
+                _write_direction(out, grad, buf, entry, index, group)
+            updates = newton_schulz(stack, schedule, eps).split(counts)
+            for (p, entry, index, *_, alpha), update in zip(blocks, updates):
                 _add_block(p, entry, index, update, alpha)
 
     def _adamw_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
