@@ -14,6 +14,7 @@ from muon_torch._newton_schulz import newton_schulz
 from muon_torch._optimizer import Muon
 
 PEER = "torch.optim.Muon + torch.optim.AdamW"
+PEER_NS = "torch.optim.Muon's Newton-Schulz"
 # Settings both optimizers can express: Keller's coefficients, EMA Nesterov momentum, no QKV split.
 SETTINGS = MuonConfig(lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True,
                       ns_coefficients="keller", ns_steps=5, eps=1e-7, ns_dtype="bfloat16",
@@ -55,9 +56,9 @@ def peer_optimizers(params: Mapping[str, torch.nn.Parameter], config: MuonConfig
     return peers
 
 
-def _row(what: str, times: Mapping[str, float]) -> dict:
+def _row(what: str, peer: str, times: Mapping[str, float]) -> dict:
     return {"what": what, "ours_s": times["ours"], "peer_s": times["peer"],
-            "ratio": times["ours"] / times["peer"], "peer": PEER}
+            "ratio": times["ours"] / times["peer"], "peer": peer}
 
 
 def _step_contenders(shapes: Mapping[str, tuple[int, ...]],
@@ -90,12 +91,12 @@ def compare_on(shapes: Mapping[str, tuple[int, ...]], rounds: int = 5,
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        rows = [("full step, bf16 NS, same settings", _step_contenders, SETTINGS),
-                ("full step, bf16 NS, our default QKV split", _step_contenders,
+        rows = [("full step, bf16 NS, same settings", PEER, _step_contenders, SETTINGS),
+                ("full step, bf16 NS, our default QKV split", PEER, _step_contenders,
                  SETTINGS.replace(split_qkv=True)),
-                ("Newton-Schulz alone, bf16, GPT-2 matrices", _ns_contenders, SETTINGS)]
-        return [_row(what, muon_core.interleaved_times(make(shapes, config), rounds=rounds))
-                for what, make, config in rows]
+                ("Newton-Schulz alone, bf16, GPT-2 matrices", PEER_NS, _ns_contenders, SETTINGS)]
+        return [_row(what, peer, muon_core.interleaved_times(make(shapes, config), rounds=rounds))
+                for what, peer, make, config in rows]
     finally:
         torch.set_num_threads(previous)
 

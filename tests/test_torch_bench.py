@@ -1,0 +1,32 @@
+"""muon_torch.bench on a tiny parameter set: the rows `muon bench` prints (no timing asserted)."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import muon_core  # noqa: E402
+from muon_torch import bench  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+
+def test_compare_on_tiny_gpt2_returns_one_row_per_measurement():
+    shapes = muon_core.gpt2_shapes(n_layer=1, d_model=16, vocab=40, context=8)
+    threads = torch.get_num_threads()
+    rows = bench.compare_on(shapes, rounds=1, threads=1)
+    assert torch.get_num_threads() == threads
+    assert [row["peer"] for row in rows] == [bench.PEER, bench.PEER, bench.PEER_NS]
+    for row in rows:
+        assert set(row) == {"what", "ours_s", "peer_s", "ratio", "peer"}
+        assert row["ours_s"] > 0 and row["peer_s"] > 0
+        assert row["ratio"] == pytest.approx(row["ours_s"] / row["peer_s"])
+
+
+def test_peer_pair_takes_our_routing():
+    shapes = muon_core.gpt2_shapes(n_layer=1, d_model=16, vocab=40, context=8)
+    params = {n: torch.nn.Parameter(torch.zeros(s)) for n, s in shapes.items()}
+    peers = bench.peer_optimizers(params, bench.SETTINGS)
+    plan = muon_core.plan(shapes, bench.SETTINGS)
+    assert peers["muon"].param_groups[0]["params"] == [params[e.name] for e in plan.muon]
+    assert peers["adamw"].param_groups[0]["params"] == [params[e.name] for e in plan.adamw]
+    assert peers["muon"].param_groups[0]["adjust_lr_fn"] == "original"
