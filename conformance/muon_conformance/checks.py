@@ -20,8 +20,8 @@ import numpy as np
 from muon_core import MuonConfig, Rule, plan
 from muon_conformance.adapter import BF16, CAPABILITIES, DISTRIBUTED, FLOAT64, unknown_capabilities
 from muon_conformance.oracle import (
-    NUMPY_DTYPES, STANDARD_RULES, STANDARD_SHAPES, TIERS, ConformanceFailure, Tolerance, base_config, cast,
-    compare, describe_options, make_grads, make_params, reference_trajectory,
+    NUMPY_DTYPES, STANDARD_RULES, STANDARD_SHAPES, TIERS, ConformanceFailure, Tolerance,
+    base_config, cast, compare, describe_options, make_grads, make_params, reference_trajectory,
 )
 
 TRAJECTORY_STEPS = 20
@@ -347,11 +347,13 @@ def _random_shape_case(draw: Any) -> tuple[dict, MuonConfig]:
 def check_random_shapes(adapter: Any, examples: int, where: Where) -> None:
     """Hypothesis-drawn shapes (1 to 40 rows and columns, conv, batched) and options follow
     the float64 reference for 3 steps (float32)."""
-    from hypothesis import HealthCheck, given, settings
+    from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import strategies as st
 
+    # No shrinking: each example may compile a new program (JAX), and the failure message
+    # already names the drawn shape and options.
     @settings(max_examples=examples, derandomize=True, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
+              phases=(Phase.explicit, Phase.generate), suppress_health_check=list(HealthCheck))
     @given(st.data())
     def run(data: Any) -> None:
         shapes, config = _random_shape_case(data.draw)
