@@ -1,1 +1,1 @@
-"""The `muon` command line: demo, plan, bench and conformance, with small bundled models and data."""
+"""The `muon` command line (demo, plan, bench, conformance) with small bundled models and data."""

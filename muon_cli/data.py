@@ -51,7 +51,7 @@ def encode_chars(text: str) -> np.ndarray:
 
 
 def char_windows(ids: np.ndarray, context: int, batch_size: int, rng: np.random.Generator):
-    """A random batch of `(inputs, targets)`, each `(batch_size, context)`; targets are shifted by one."""
+    """A random batch of `(inputs, targets)`, each `(batch_size, context)`; targets shift by one."""
     if len(ids) <= context:
         raise ValueError(f"context={context} is invalid: the text has only {len(ids)} characters")
     starts = rng.integers(0, len(ids) - context, size=batch_size)

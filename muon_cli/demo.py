@@ -38,7 +38,8 @@ class Settings:
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
-            raise ValueError(f"backend={self.backend!r} is invalid: expected one of {list(BACKENDS)}")
+            raise ValueError(f"backend={self.backend!r} is invalid: "
+                             f"expected one of {list(BACKENDS)}")
         for key in ("steps", "batch_size", "eval_every"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
