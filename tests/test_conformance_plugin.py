@@ -220,3 +220,20 @@ def test_cli_reports_a_broken_backend_and_honours_known_failures(tmp_path):
                   "-q", "-k", "defaults")
     assert marked.returncode == 0, marked.stdout + marked.stderr
     assert "1 xfailed" in marked.stdout
+
+
+def test_numpy_adapter_runs_without_torch_or_jax():
+    code = ("import sys, numpy as np; from muon_core import load_backend, MuonConfig; "
+            "a = load_backend('numpy')(); h = a.make({'w': np.ones((4, 3), np.float32)}, "
+            "MuonConfig()); a.step(h, {'w': np.ones((4, 3), np.float32)}); "
+            "print(type(a).__name__, [m for m in ('torch', 'jax') if m in sys.modules])")
+    assert _run("-c", code).stdout.strip() == "NumpyAdapter []"
+
+
+def test_backend_without_its_api_is_unavailable(monkeypatch):
+    muon_torch = pytest.importorskip("muon_torch")
+    from muon_conformance.adapters import TorchAdapter
+
+    monkeypatch.delattr(muon_torch, "Muon")
+    with pytest.raises(BackendUnavailable, match="muon_torch has no Muon"):
+        TorchAdapter()
