@@ -111,6 +111,27 @@ def test_flax_dense_gets_the_torch_linear_lr_scale():
     assert flax_plan["h.0.mlp.fc.weight"].lr_scales == (2.0 ** 0.5,)  # 16 outputs, 8 inputs
 
 
+def test_flax_style_tree_routes_like_torch_modules():
+    params = {"params": {"Embed_0": {"embedding": jnp.ones((50, 8))},
+                         "Dense_0": {"kernel": jnp.ones((8, 32)), "bias": jnp.ones(32)},
+                         "Conv_0": {"kernel": jnp.ones((3, 3, 4, 8))}}}
+    plan = muon_jax.plan_for(params)
+    assert plan["params.Embed_0.embedding"].algorithm == "adamw"
+    assert plan["params.Dense_0.bias"].algorithm == "adamw"
+    dense, conv = plan["params.Dense_0.kernel"], plan["params.Conv_0.kernel"]
+    assert (dense.matrix_shape, dense.lr_scales) == ((1, 32, 8), (2.0,))  # torch Linear(8, 32)
+    assert conv.matrix_shape == (1, 8, 36)  # torch Conv2d(4, 8, 3): (out, in * kh * kw)
+
+
+def test_signature_lists_every_config_field_for_inject_hyperparams():
+    import inspect
+
+    fields = {f.name for f in dataclasses.fields(MuonConfig)} | {"adamw_lr", "adamw_weight_decay"}
+    for factory in (muon_jax.muon, muon_jax.scale_by_muon):
+        keywords = set(inspect.signature(factory).parameters) - {"config", "layout", "algorithms"}
+        assert keywords == fields
+
+
 def test_bfloat16_default_close_to_reference():
     config = MuonConfig(lr=0.02)
     expected = _reference(config, steps=3)[-1]

@@ -445,8 +445,9 @@ def muon(config: MuonConfig | None = None, *, layout: str = "in_out",
     The updates follow optax's convention (`optax.apply_updates` adds them) and include the
     decoupled weight decay, so `update` needs `params` unless both decays are 0. Gradients
     with NaN or Inf follow `config.nonfinite`: "skip" returns zero updates and keeps the
-    state; "raise" raises FloatingPointError naming the leaves (under jit: a JaxRuntimeError
-    with that message when the step runs, see the docs).
+    state; "raise" raises FloatingPointError naming the leaves. Under jit it raises through a
+    host callback on one device (JAX reports a JaxRuntimeError) and, with several devices,
+    refuses the step and leaves the error to `raise_if_nonfinite(state)`.
     """
     config, hyper = resolve(config, overrides)
     needs_params = _has_decay(hyper.weight_decay) or _has_decay(hyper.adamw_weight_decay)
