@@ -231,6 +231,20 @@ def test_inject_hyperparams_changes_lr_without_retracing():
     _assert_close(updates, {n: np.asarray(x) for n, x in expected_updates.items()}, atol=1e-6)
 
 
+def test_inject_hyperparams_follows_an_lr_schedule():
+    config = MuonConfig(**FLOAT32)
+    schedule = optax.piecewise_constant_schedule(0.02, {1: 0.5})  # 0.02, then 0.01
+    tx = optax.inject_hyperparams(muon_jax.muon)(config, lr=schedule)
+    params = {"w": jnp.asarray(_random({"w": (4, 6)}, 0)["w"], jnp.float32)}
+    grads = [{"w": jnp.asarray(_random({"w": (4, 6)}, s)["w"], jnp.float32)} for s in (1, 2)]
+    state = tx.init(params)
+    expected_state = muon_jax.muon(config).init(params)
+    for g, lr in zip(grads, (0.02, 0.01)):
+        updates, state = jax.jit(tx.update)(g, state, params)
+        expected, expected_state = muon_jax.muon(config, lr=lr).update(g, expected_state, params)
+        np.testing.assert_allclose(updates["w"], expected["w"], atol=1e-7)
+
+
 def test_inject_hyperparams_refuses_traced_static_field():
     tx = optax.inject_hyperparams(muon_jax.muon)(MuonConfig(), ns_steps=3)
     with pytest.raises(TypeError, match=r"ns_steps got an array, but it is static"):
