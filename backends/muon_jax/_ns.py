@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -65,9 +66,8 @@ def orthogonalize_batch(blocks: Sequence[jax.Array], schedule: NSSchedule, eps: 
     results: list[Any] = [None] * len(blocks)
     for indices in groups.values():
         stacked = _newton_schulz(jnp.concatenate([oriented[i] for i in indices]), schedule, eps)
-        starts = [sum(oriented[j].shape[0] for j in indices[:k]) for k in range(len(indices))]
-        for i, start in zip(indices, starts):
-            piece = stacked[start:start + oriented[i].shape[0]]
+        ends = list(itertools.accumulate(oriented[i].shape[0] for i in indices))
+        for i, piece in zip(indices, jnp.split(stacked, ends[:-1])):
             tall = blocks[i].shape[1] > blocks[i].shape[2]
             results[i] = (piece.mT if tall else piece).astype(blocks[i].dtype)
     return results
