@@ -15,7 +15,8 @@ def core(session: nox.Session) -> None:
     session.install("-r", "requirements/core.txt", "-e", ".")
     session.run("python", "-m", "pytest", "tests/test_core_ns.py", "tests/test_core_plan.py",
                 "tests/test_core_config.py", "tests/test_core_imports.py",
-                "tests/test_core_reference.py", *session.posargs)
+                "tests/test_core_reference.py", "tests/test_conformance_selftest.py",
+                "tests/test_conformance_plugin.py", *session.posargs)
     for backend in ("numpy", "array_api_strict"):
         session.run("python", "-m", "muon_conformance", "--backend", backend)
 
@@ -48,6 +49,8 @@ def slow(session: nox.Session) -> None:
     """Long trajectories and multi-process checks (marked `slow`)."""
     session.install("-r", "requirements/test.txt")
     session.run("python", "-m", "pytest", "-m", "slow", *session.posargs)
+    for backend in BACKENDS:
+        session.run("python", "-m", "muon_conformance", "--backend", backend, "--slow")
 
 
 @nox.session
