@@ -30,3 +30,9 @@ def test_peer_pair_takes_our_routing():
     assert peers["muon"].param_groups[0]["params"] == [params[e.name] for e in plan.muon]
     assert peers["adamw"].param_groups[0]["params"] == [params[e.name] for e in plan.adamw]
     assert peers["muon"].param_groups[0]["adjust_lr_fn"] == "original"
+
+
+def test_peer_pair_refuses_a_per_iteration_schedule():
+    params = {"w": torch.nn.Parameter(torch.zeros(4, 4))}
+    with pytest.raises(ValueError, match="ns_coefficients='quintic'"):
+        bench.peer_optimizers(params, bench.SETTINGS.replace(ns_coefficients="quintic"))

@@ -19,7 +19,8 @@ def _core(x: np.ndarray, coefficients="keller") -> np.ndarray:
 
 
 def test_golden_singular_values_of_diag_3_4():
-    # DESIGN.md golden facts (float64): keller x5 -> [0.722876, 1.119204], quintic -> [1.018629, 1.005632]
+    # DESIGN.md golden facts (float64): keller x5 -> [0.722876, 1.119204],
+    # quintic x5 -> [1.018629, 1.005632]
     g = torch.tensor([[3.0, 0.0], [0.0, 4.0]], dtype=torch.float64)
     keller = torch.linalg.svdvals(newton_schulz(g, KELLER, 1e-7)).sort().values
     quintic = torch.linalg.svdvals(newton_schulz(g, muon_core.ns_schedule("quintic"), 1e-7))

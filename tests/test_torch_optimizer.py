@@ -1,4 +1,4 @@
-"""muon_torch.Muon as a torch.optim.Optimizer: inputs, groups, routing, state, schedulers, errors."""
+"""muon_torch.Muon as a torch.optim.Optimizer: inputs, groups, routing, state, errors."""
 
 import copy
 import io

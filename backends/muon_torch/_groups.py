@@ -45,7 +45,8 @@ def adamw_with(adamw: AdamWConfig, overrides: Mapping[str, Any], where: str) -> 
     allowed = [f.name for f in dataclasses.fields(AdamWConfig)]
     unknown = sorted(set(overrides) - set(allowed))
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}: expected AdamWConfig fields {allowed}")
+        raise ValueError(f"{where}: unknown key(s) {unknown}: expected AdamWConfig fields "
+                         f"{allowed}")
     return dataclasses.replace(adamw, **overrides)
 
 

@@ -31,7 +31,7 @@ def _fused_adamw_supported(params: Iterable[torch.Tensor]) -> bool:
     return all(p.device.type in devices and p.is_floating_point() for p in params)
 
 
-def _refuse_for_muon(entry: ParamPlan, param: torch.Tensor, problem: str) -> ValueError:
+def _refuse_for_muon(entry: ParamPlan, problem: str) -> ValueError:
     return ValueError(f"parameter {entry.name!r} with shape {entry.shape} is routed to muon by "
                       f"{entry.decided_by} ({entry.why}), but {problem}; route it to AdamW with "
                       "a param group {'algorithm': 'adamw'} or a config rule")
@@ -39,10 +39,9 @@ def _refuse_for_muon(entry: ParamPlan, param: torch.Tensor, problem: str) -> Val
 
 def _check_muon_param(entry: ParamPlan, param: torch.Tensor) -> None:
     if not param.is_floating_point():
-        raise _refuse_for_muon(entry, param, f"Muon needs a real floating tensor, got "
-                                             f"{param.dtype=}")
+        raise _refuse_for_muon(entry, f"Muon needs a real floating tensor, got {param.dtype=}")
     if param.grad is not None and param.grad.is_sparse:
-        raise _refuse_for_muon(entry, param, "its gradient is sparse and Muon needs dense ones")
+        raise _refuse_for_muon(entry, "its gradient is sparse and Muon needs dense ones")
 
 
 def _nonfinite_gradients(params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -145,8 +144,8 @@ class Muon(torch.optim.Optimizer):
         sparse = sparse_parameters(model)
         for param, entry in opt._entries.items():
             if entry.is_muon and id(param) in sparse:
-                raise _refuse_for_muon(entry, param, "its embedding has sparse=True and Muon "
-                                                     "needs dense gradients")
+                raise _refuse_for_muon(entry, "its embedding has sparse=True and Muon needs "
+                                              "dense gradients")
         return opt
 
     @property

@@ -41,13 +41,17 @@ def peer_optimizers(params: Mapping[str, torch.nn.Parameter], config: MuonConfig
     parameters `plan` (default: the core's plan of `params`) routes to each, at `config`'s
     settings; an empty half is left out."""
     plan = plan or muon_core.plan({n: tuple(p.shape) for n, p in params.items()}, config)
+    schedule = muon_core.ns_schedule(config.ns_coefficients, config.ns_steps)
+    if len(set(schedule.coefficients)) != 1 or schedule.norm_scale != 1:
+        raise ValueError(f"ns_coefficients={config.ns_coefficients!r}: torch.optim.Muon takes one "
+                         "(a, b, c) triple and plain normalisation")
     hidden = [params[e.name] for e in plan.muon]
     rest = [params[e.name] for e in plan.adamw]
     peers = {}
     if hidden:
         peers["muon"] = torch.optim.Muon(
             hidden, lr=config.lr, weight_decay=config.weight_decay, momentum=config.momentum,
-            nesterov=config.nesterov, ns_coefficients=muon_core.ns_schedule("keller").coefficients[0],
+            nesterov=config.nesterov, ns_coefficients=schedule.coefficients[0],
             eps=config.eps, ns_steps=config.ns_steps, adjust_lr_fn=config.lr_scaling)
     if rest:
         peers["adamw"] = torch.optim.AdamW(rest, lr=config.adamw.lr, betas=config.adamw.betas,
