@@ -50,6 +50,7 @@ def test_char_gpt_torch_example():
 
 
 @pytest.mark.jax
+@pytest.mark.slow  # the same model and transform as the README's JAX example, tested by default
 def test_char_gpt_jax_example():
     pytest.importorskip("muon_jax")
     out = _run("char_gpt_jax.py", "--steps", "2")
