@@ -7,6 +7,7 @@ import json
 import platform
 import time
 from collections.abc import Callable
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -245,7 +246,8 @@ def write_plot(curves: dict[str, dict], settings: Settings, path: Path) -> None:
 
 def record(settings: Settings, curves: dict[str, dict], summary: dict[str, dict]) -> dict:
     """Everything needed to read or redo the run, as JSON-ready values."""
-    return {"muon_core": __version__, "python": platform.python_version(),
+    return {"muon_core": __version__, settings.backend: version(settings.backend),
+            "python": platform.python_version(),
             "machine": platform.machine(), "task": "UCI digits, MLP 64-256-256-10",
             "settings": dataclasses.asdict(settings),
             "muon_config": settings.muon_config().to_dict(), "summary": summary, "curves": curves}

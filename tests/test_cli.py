@@ -141,9 +141,20 @@ def test_demo_torch_writes_table_plot_and_record(tmp_path, capsys):
     assert "steps to AdamW best" in out and "wrote" in out
     record = _check_demo_outputs(tmp_path, 12)
     assert record["settings"]["backend"] == "torch"
+    assert record["torch"] == pytest.importorskip("torch").__version__
     # Training lowers the loss from its starting point for both optimizers.
     for curve in record["curves"].values():
         assert curve["loss"][-1] < curve["loss"][0]
+
+
+@pytest.mark.torch
+def test_sweep_reports_every_learning_rate(monkeypatch, capsys):
+    pytest.importorskip("muon_torch", exc_type=ImportError).Muon
+    monkeypatch.setattr(demo, "SWEEP_LR", {"muon": (0.01, 0.02), "adamw": (1e-3,)})
+    assert main(["demo", "--sweep", "--steps", "5", "--no-progress"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in lines] == [["muon", "lr=0.01"], ["muon", "lr=0.02"],
+                                                    ["adamw", "lr=0.001"]]
 
 
 @pytest.mark.jax
