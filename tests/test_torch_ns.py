@@ -6,6 +6,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import muon_core  # noqa: E402
+import muon_torch._newton_schulz  # noqa: E402
 from muon_torch import frobenius_norm, newton_schulz  # noqa: E402
 from torch_helpers import one_thread  # noqa: E402, F401
 
@@ -98,3 +99,19 @@ def test_norm_bfloat16_is_float64_norm_rounded():
     x = (torch.randn(64, 96, 128) * 3 + 1).bfloat16()
     exact = x.double().square().sum(dim=(-2, -1), keepdim=True).sqrt()
     assert torch.equal(frobenius_norm(x), exact.bfloat16())
+
+
+@pytest.mark.parametrize("shape", [(6, 5, 8), (6, 8, 5)])
+def test_cpu_chunks_and_out_give_the_same_result(shape, monkeypatch):
+    x = torch.randn(*shape, dtype=torch.float64)
+    whole = newton_schulz(x, KELLER, 1e-7)
+    monkeypatch.setattr(muon_torch._newton_schulz, "CPU_CHUNK_VALUES", 80)  # two per chunk
+    assert torch.equal(newton_schulz(x, KELLER, 1e-7), whole)
+    in_place = x.clone()
+    result = newton_schulz(in_place, KELLER, 1e-7, out=in_place)
+    assert torch.equal(result, whole) and result.data_ptr() == in_place.data_ptr()
+
+
+def test_out_of_the_wrong_size_is_refused():
+    with pytest.raises(ValueError, match=r"out must be a contiguous torch.float32 tensor of 40"):
+        newton_schulz(torch.randn(5, 8), KELLER, 1e-7, out=torch.empty(5, 7))

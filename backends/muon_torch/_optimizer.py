@@ -270,7 +270,7 @@ class Muon(torch.optim.Optimizer):
             stack = torch.empty((sum(counts), rows, cols), dtype=dtype, device=device)
             for (p, entry, index, grad, buf, group, _), out in zip(blocks, stack.split(counts)):
                 _write_direction(out, grad, buf, entry, index, group)
-            updates = newton_schulz(stack, schedule, eps).split(counts)
+            updates = newton_schulz(stack, schedule, eps, out=stack).split(counts)
             for (p, entry, index, *_, alpha), update in zip(blocks, updates):
                 _add_block(p, entry, index, update, alpha)
 
