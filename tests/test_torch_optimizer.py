@@ -354,7 +354,9 @@ def test_compiled_step_matches_eager():
 @pytest.mark.slow
 def test_inductor_compiled_step_matches_eager():
     eager_params, compiled_params = named_params(SHAPES), named_params(SHAPES)
-    eager, compiled = Muon(eager_params), Muon(compiled_params)
+    # float32 NS: inductor fuses elementwise work, which may flip a bfloat16 rounding
+    eager, compiled = Muon(eager_params, ns_dtype="float32"), Muon(compiled_params,
+                                                                   ns_dtype="float32")
     step = torch.compile(compiled.step)
     for seed in range(2):
         set_grads(eager_params, seed)

@@ -84,7 +84,12 @@ def _ns_contenders(shapes: Mapping[str, tuple[int, ...]],
         stacks.setdefault(tuple(value.shape), []).append(value)
     batched = [torch.stack(group) for group in stacks.values()]
     coefficients = schedule.coefficients[0]
-    return {"ours": lambda: [newton_schulz(b.bfloat16(), schedule, config.eps) for b in batched],
+
+    def ours() -> list[torch.Tensor]:  # as the optimizer does: cast once, orthogonalize in place
+        return [newton_schulz(x, schedule, config.eps, out=x)
+                for x in (b.bfloat16() for b in batched)]
+
+    return {"ours": ours,
             "peer": lambda: [peer_newton_schulz(v, coefficients, config.ns_steps, config.eps)
                              for v in values.values()]}
 
