@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
 import importlib
+import os
+import platform
 from collections.abc import Sequence
 
 from muon_core._registry import INSTALL_HINTS
@@ -23,13 +26,33 @@ def collect(backends: Sequence[str], rounds: int, threads: int) -> tuple[list[di
     return rows, notes
 
 
+def machine_header(rounds: int, threads: int) -> str:
+    """Date, processor, core count and framework versions: the context every figure needs."""
+    versions = []
+    for name in ("torch", "jax", "optax"):
+        try:
+            versions.append(f"{name} {importlib.import_module(name).__version__}")
+        except ImportError:
+            continue
+    return (f"{datetime.date.today().isoformat()}, {_cpu_name()} ({os.cpu_count()} cores), "
+            f"{', '.join(versions)}; {threads} thread(s), median of {rounds} interleaved rounds")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            names = [line.split(":", 1)[1].strip() for line in cpuinfo
+                     if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or "unknown CPU"
+
+
 def format_rows(rows: list[dict]) -> str:
-    """A table of median times and the speed ratio `peer time / our time` (above 1: ours faster)."""
-    header = ("backend", "what", "peer", "ours", "peer time", "peer/ours")
-    table = [header] + [(r["backend"], r["what"], r["peer"], f"{r['ours_s'] * 1e3:.2f} ms",
-                         f"{r['peer_s'] * 1e3:.2f} ms", f"{r['peer_s'] / r['ours_s']:.2f}x")
-                        for r in rows]
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    """A markdown table of median times and the speed-up `peer time / our time` (above 1: ours
+    faster)."""
+    lines = ["| backend | measurement | peer | ours (ms) | peer (ms) | speed-up (peer / ours) |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['backend']} | {r['what']} | {r['peer']} | {r['ours_s'] * 1e3:.1f} | "
+              f"{r['peer_s'] * 1e3:.1f} | {r['peer_s'] / r['ours_s']:.2f}x |" for r in rows]
     return "\n".join(lines)

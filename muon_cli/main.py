@@ -39,11 +39,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from muon_cli.bench_cmd import collect, format_rows
+    from muon_cli.bench_cmd import collect, format_rows, machine_header
 
     backends = ["torch", "jax"] if args.backend == "all" else [args.backend]
     rows, notes = collect(backends, args.rounds, args.threads)
     if rows:
+        print(machine_header(args.rounds, args.threads) + "\n")
         print(format_rows(rows))
     for note in notes:
         print(note, file=sys.stderr)

@@ -338,32 +338,30 @@ def test_deepcopy_keeps_routing():
     assert clone.plan == opt.plan and clone.config == opt.config
 
 
-def test_compiled_step_matches_eager():
+def _eager_and_compiled_params(compile_step, **overrides):
+    """Two identical parameter sets after two steps: one eager, one through `compile_step`."""
     eager_params, compiled_params = named_params(SHAPES), named_params(SHAPES)
-    eager, compiled = Muon(eager_params), Muon(compiled_params)
-    step = torch.compile(compiled.step, backend="eager")
+    eager, compiled = Muon(eager_params, **overrides), Muon(compiled_params, **overrides)
+    step = compile_step(compiled.step)
     for seed in range(2):
         set_grads(eager_params, seed)
         set_grads(compiled_params, seed)
         eager.step()
         step()
-    for (_, a), (_, b) in zip(eager_params, compiled_params):
+    return eager_params, compiled_params
+
+
+def test_compiled_step_matches_eager():
+    eager, compiled = _eager_and_compiled_params(lambda f: torch.compile(f, backend="eager"))
+    for (_, a), (_, b) in zip(eager, compiled):
         torch.testing.assert_close(a, b)
 
 
 @pytest.mark.slow
 def test_inductor_compiled_step_matches_eager():
-    eager_params, compiled_params = named_params(SHAPES), named_params(SHAPES)
     # float32 NS: inductor fuses elementwise work, which may flip a bfloat16 rounding
-    eager, compiled = Muon(eager_params, ns_dtype="float32"), Muon(compiled_params,
-                                                                   ns_dtype="float32")
-    step = torch.compile(compiled.step)
-    for seed in range(2):
-        set_grads(eager_params, seed)
-        set_grads(compiled_params, seed)
-        eager.step()
-        step()
-    for (_, a), (_, b) in zip(eager_params, compiled_params):
+    eager, compiled = _eager_and_compiled_params(torch.compile, ns_dtype="float32")
+    for (_, a), (_, b) in zip(eager, compiled):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
