@@ -28,12 +28,18 @@ class UserGroup:
     config: MuonConfig
 
 
-def with_overrides(config: MuonConfig, overrides: Mapping[str, Any], where: str) -> MuonConfig:
-    """`config` with MuonConfig fields replaced; `adamw` may be a partial mapping."""
-    allowed = [f.name for f in dataclasses.fields(MuonConfig)]
+def _check_fields(cls: type, overrides: Mapping[str, Any], where: str) -> None:
+    """Refuse keys that are not fields of the dataclass `cls`, naming the allowed ones."""
+    allowed = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(overrides) - set(allowed))
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}: expected MuonConfig fields {allowed}")
+        raise ValueError(f"{where}: unknown key(s) {unknown}: expected {cls.__name__} fields "
+                         f"{allowed}")
+
+
+def with_overrides(config: MuonConfig, overrides: Mapping[str, Any], where: str) -> MuonConfig:
+    """`config` with MuonConfig fields replaced; `adamw` may be a partial mapping."""
+    _check_fields(MuonConfig, overrides, where)
     overrides = dict(overrides)
     if isinstance(overrides.get("adamw"), Mapping):
         overrides["adamw"] = adamw_with(config.adamw, overrides["adamw"], f"{where}['adamw']")
@@ -42,11 +48,7 @@ def with_overrides(config: MuonConfig, overrides: Mapping[str, Any], where: str)
 
 def adamw_with(adamw: AdamWConfig, overrides: Mapping[str, Any], where: str) -> AdamWConfig:
     """`adamw` with some AdamWConfig fields replaced."""
-    allowed = [f.name for f in dataclasses.fields(AdamWConfig)]
-    unknown = sorted(set(overrides) - set(allowed))
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}: expected AdamWConfig fields "
-                         f"{allowed}")
+    _check_fields(AdamWConfig, overrides, where)
     return dataclasses.replace(adamw, **overrides)
 
 
