@@ -131,8 +131,8 @@ class Muon(torch.optim.Optimizer):
             raise TypeError(f"config must be a MuonConfig, got {type(config).__name__}")
         self.config = with_overrides(config, overrides, "Muon")
         self._module_kinds = dict(module_kinds or {})
+        # Every parameter's plan entry, in the order the groups were added (the plan's order).
         self._entries: dict[torch.Tensor, ParamPlan] = {}
-        self._plan_entries: list[ParamPlan] = []
         super().__init__(params, {})
 
     @classmethod
@@ -151,11 +151,11 @@ class Muon(torch.optim.Optimizer):
     @property
     def plan(self) -> Plan:
         """The routing decision for every parameter (print it for a table)."""
-        return Plan(tuple(self._plan_entries), self.config)
+        return Plan(tuple(self._entries.values()), self.config)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Route a user group's parameters and append its Muon half and its AdamW half."""
-        user = parse_group(param_group, self.config, len(self._plan_entries),
+        user = parse_group(param_group, self.config, len(self._entries),
                            f"param group {len(self.param_groups) // 2}")
         self._check_new(user.names, user.params)
         shapes = {n: tuple(p.shape) for n, p in zip(user.names, user.params)}
@@ -177,16 +177,18 @@ class Muon(torch.optim.Optimizer):
             super().add_param_group({"params": params,
                                      "param_names": [e.name for e, _ in chosen], **hyper})
         self._entries.update(zip(user.params, plan))
-        self._plan_entries.extend(plan)
 
     def _check_new(self, names: tuple[str, ...], params: tuple[torch.Tensor, ...]) -> None:
-        known = {e.name for e in self._plan_entries}
-        for i, (name, param) in enumerate(zip(names, params)):
-            if name in known or name in names[:i]:
+        known_names = {e.name for e in self._entries.values()}
+        known_params = set(self._entries)  # tensors hash by identity
+        for name, param in zip(names, params):
+            if name in known_names:
                 raise ValueError(f"parameter name {name!r} appears twice: expected unique names")
-            if param in self._entries or any(param is q for q in params[:i]):
+            if param in known_params:
                 raise ValueError(f"parameter {name!r} with shape {tuple(param.shape)} is already "
                                  "in this optimizer: each tensor may appear once")
+            known_names.add(name)
+            known_params.add(param)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by `state_dict()` from an optimizer routed the same way."""
@@ -207,8 +209,7 @@ class Muon(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "config": self.config,
-                "_module_kinds": self._module_kinds, "_entries": self._entries,
-                "_plan_entries": self._plan_entries}
+                "_module_kinds": self._module_kinds, "_entries": self._entries}
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
