@@ -16,7 +16,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 
 import muon_core
-from muon_core import MuonConfig, ParamPlan, Plan, nonfinite_message, ns_schedule
+from muon_core import (
+    MuonConfig, ParamPlan, Plan, from_matrices, nonfinite_message, ns_schedule, to_matrices,
+)
 from muon_jax._ns import ns_dtype, orthogonalize_batch
 
 # Hyper-parameters that optax.inject_hyperparams may feed as arrays (tracers under jit).
@@ -298,15 +300,14 @@ def _whole(x: jax.Array) -> jax.Array:
 
 
 def _to_blocks(x: jax.Array, entry: ParamPlan) -> list[jax.Array]:
-    matrices = jnp.transpose(x, entry.perm).reshape(entry.matrix_shape)
+    matrices = to_matrices(x, entry, xp=jnp)
     return [matrices[:, start:start + rows] for start, rows in
             zip(entry.block_offsets, entry.blocks)]
 
 
 def _from_blocks(blocks: list[jax.Array], entry: ParamPlan) -> jax.Array:
     scaled = [b * scale for b, scale in zip(blocks, entry.lr_scales)]
-    return jnp.transpose(jnp.concatenate(scaled, axis=1).reshape(entry.permuted_shape),
-                         entry.inverse_perm)
+    return from_matrices(jnp.concatenate(scaled, axis=1), entry, xp=jnp)
 
 
 def _muon_directions(grads: dict[str, Any], bufs: dict[str, Any], plan: Plan,
