@@ -10,13 +10,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from muon_core._ns import normalise_coefficients, ns_schedule
+from muon_core._ns import NS_DTYPES, normalise_coefficients, ns_schedule
 from muon_core._toml import dumps_toml
 
 ALGORITHMS = ("muon", "adamw")
 MOMENTUM_KINDS = ("ema", "sum")
 LR_SCALINGS = ("original", "match_rms_adamw", "spectral", "none")
-NS_DTYPES = ("bfloat16", "float32", "float64")
 NONFINITE_POLICIES = ("raise", "skip")
 LAYOUTS = ("out_in", "in_out")
 

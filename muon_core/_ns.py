@@ -29,6 +29,8 @@ POLAR_EXPRESS_LIMIT = (1.875, -1.25, 0.375)
 # The safe variant trades a little speed for headroom against round-off in low precision.
 POLAR_EXPRESS_SAFETY = 1.01
 PRESETS = ("keller", "quintic", "polar_express", "polar_express_raw")
+# Working precisions of Newton-Schulz, by name.
+NS_DTYPES = ("bfloat16", "float32", "float64")
 
 
 class NSSchedule(NamedTuple):
@@ -110,13 +112,16 @@ def _newton_schulz(x: Any, schedule: NSSchedule, eps: float, *, xp: Any) -> Any:
     return _matrix_transpose(x, xp) if tall else x
 
 
-def resolve_dtype(name: str, xp: Any) -> Any:
-    """The namespace's dtype called `name`; float32 where it has no bfloat16 (numpy)."""
+def resolve_dtype(name: str, xp: Any, key: str = "ns_dtype") -> Any:
+    """The namespace's dtype called `name` (one of `NS_DTYPES`); float32 where it has no
+    bfloat16 (numpy). `key` names the argument in error messages."""
+    if name not in NS_DTYPES:
+        raise ValueError(f"{key}={name!r} is invalid: expected one of {list(NS_DTYPES)}")
     dtype = getattr(xp, name, None)
     if dtype is None and name == "bfloat16":
         dtype = xp.float32
     if dtype is None:
-        raise ValueError(f"ns_dtype={name!r} is not available in {xp.__name__}")
+        raise ValueError(f"{key}={name!r} is not available in {xp.__name__}")
     return dtype
 
 
@@ -137,5 +142,5 @@ def orthogonalize(G: Any, steps: int = 5, coefficients: Any = "keller", eps: flo
     if not xp.isdtype(G.dtype, "real floating"):
         raise TypeError(f"orthogonalize needs a real floating array, got {G.dtype=}")
     schedule = ns_schedule(coefficients, steps)
-    work = G if dtype is None else xp.astype(G, resolve_dtype(dtype, xp))
+    work = G if dtype is None else xp.astype(G, resolve_dtype(dtype, xp, key="dtype"))
     return xp.astype(_newton_schulz(work, schedule, eps, xp=xp), G.dtype)

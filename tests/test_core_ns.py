@@ -132,3 +132,5 @@ def test_bad_input_errors_name_the_problem():
         orthogonalize(np.ones((3, 3)), steps=0)
     with pytest.raises(ValueError, match="ns_coefficients='fast'"):
         orthogonalize(np.ones((3, 3)), coefficients="fast")
+    with pytest.raises(ValueError, match=r"dtype='int64' is invalid: expected one of \['bfloat16'"):
+        orthogonalize(np.ones((3, 3)), dtype="int64")
