@@ -149,6 +149,20 @@ def test_bfloat16_params_keep_their_dtype():
     assert state.momentum_buffer["w"].dtype == jnp.bfloat16
 
 
+def test_bfloat16_gradients_do_not_round_float32_state():
+    params = {"w": jnp.ones((4, 6)), "b": jnp.ones(6)}
+    grads = {"w": jnp.full((4, 6), 0.1, jnp.bfloat16), "b": jnp.full(6, 1 / 3, jnp.bfloat16)}
+    tx = muon_jax.muon(MuonConfig())
+    _, state = tx.update(grads, tx.init(params), params)
+    g = float(grads["b"][0])
+    beta1, beta2 = MuonConfig().adamw.betas
+    assert state.mu["b"].dtype == state.nu["b"].dtype == jnp.float32
+    np.testing.assert_allclose(state.mu["b"], (1 - beta1) * g, rtol=1e-6)
+    np.testing.assert_allclose(state.nu["b"], (1 - beta2) * g * g, rtol=1e-6)
+    np.testing.assert_allclose(state.momentum_buffer["w"], (1 - 0.95) * float(grads["w"][0, 0]),
+                               rtol=1e-6)
+
+
 def test_state_maps_to_reference_state():
     config = MuonConfig(lr=0.02, **FLOAT32)
     params = _random(TORCH_SHAPES, 0)

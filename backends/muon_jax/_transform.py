@@ -276,10 +276,15 @@ def _select(ok: Any, new: Any, old: Any) -> Any:
 
 # -- arithmetic ------------------------------------------------------------------------------
 def _momentum(grad: jax.Array, buf: jax.Array, beta: Any, config: MuonConfig):
-    """(direction, new buffer): EMA or sum momentum, with or without Nesterov."""
+    """(direction, new buffer): EMA or sum momentum, with or without Nesterov.
+
+    The arithmetic runs in the wider of the gradient's and the buffer's dtypes, and the buffer
+    keeps its own (the parameters'), so bfloat16 gradients of float32 parameters do not round it.
+    """
     g_weight = 1.0 - beta if config.momentum_kind == "ema" else 1.0
-    new_buf = (beta * buf + g_weight * grad).astype(buf.dtype)
-    direction = g_weight * grad + beta * new_buf if config.nesterov else new_buf
+    wide = grad.astype(jnp.promote_types(grad.dtype, buf.dtype))
+    new_buf = (beta * buf + g_weight * wide).astype(buf.dtype)
+    direction = g_weight * wide + beta * new_buf if config.nesterov else new_buf
     return direction.astype(grad.dtype), new_buf
 
 
@@ -334,17 +339,22 @@ def _muon_directions(grads: dict[str, Any], bufs: dict[str, Any], plan: Plan,
 
 def _adamw_directions(grads: dict[str, Any], mu: dict, nu: dict, count: jax.Array,
                       config: MuonConfig, lr: Any) -> tuple[dict, dict, dict]:
-    """torch's AdamW step without the decay: (step per leaf, new mu, new nu)."""
+    """torch's AdamW step without the decay: (step per leaf, new mu, new nu).
+
+    As in `_momentum`, the moments are computed in the wider of the gradient's and their own
+    dtype and keep their own (the parameters'), so bfloat16 gradients of float32 parameters
+    do not round them.
+    """
     beta1, beta2 = config.adamw.betas
     steps, new_mu, new_nu = {}, {}, {}
-    for name, g in grads.items():
-        acc = jnp.promote_types(g.dtype, jnp.float32)
-        t = count.astype(acc)
-        new_mu[name] = (beta1 * mu[name] + (1.0 - beta1) * g).astype(g.dtype)
-        new_nu[name] = (beta2 * nu[name] + (1.0 - beta2) * (g * g)).astype(g.dtype)
+    for name, grad in grads.items():
+        g = grad.astype(jnp.promote_types(grad.dtype, mu[name].dtype))
+        t = count.astype(jnp.promote_types(grad.dtype, jnp.float32))
+        new_mu[name] = (beta1 * mu[name] + (1.0 - beta1) * g).astype(mu[name].dtype)
+        new_nu[name] = (beta2 * nu[name] + (1.0 - beta2) * (g * g)).astype(nu[name].dtype)
         step_size = lr / (1.0 - beta1**t)
         denom = jnp.sqrt(new_nu[name]) / jnp.sqrt(1.0 - beta2**t) + config.adamw.eps
-        steps[name] = (step_size * (new_mu[name] / denom)).astype(g.dtype)
+        steps[name] = (step_size * (new_mu[name] / denom)).astype(grad.dtype)
     return steps, new_mu, new_nu
 
 
