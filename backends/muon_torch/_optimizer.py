@@ -83,12 +83,11 @@ def _to_matrices(x: torch.Tensor, entry: ParamPlan) -> torch.Tensor:
 
 
 def _write_direction(out: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor, entry: ParamPlan,
-                     index: int, group: Mapping[str, Any]) -> None:
-    """Write block `index` of the direction to orthogonalize into `out` (in the NS dtype).
+                     rows: slice, group: Mapping[str, Any]) -> None:
+    """Write the block `rows` of the direction to orthogonalize into `out` (in the NS dtype).
 
     Nesterov looks one step ahead: EMA `(1 - beta) g + beta m`, sum `g + beta m`; else `m`.
     """
-    rows = slice(entry.block_offsets[index], entry.block_offsets[index] + entry.blocks[index])
     momentum = _to_matrices(buf, entry)[:, rows]
     if not group["nesterov"]:
         out.copy_(momentum)
@@ -98,10 +97,9 @@ def _write_direction(out: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor, e
         torch.add(_to_matrices(grad, entry)[:, rows], momentum, alpha=group["momentum"], out=out)
 
 
-def _add_block(param: torch.Tensor, entry: ParamPlan, index: int, update: torch.Tensor,
+def _add_block(param: torch.Tensor, entry: ParamPlan, rows: slice, update: torch.Tensor,
                alpha: float) -> None:
-    """`param += alpha * update` on block `index` of the parameter's matrix view."""
-    rows = slice(entry.block_offsets[index], entry.block_offsets[index] + entry.blocks[index])
+    """`param += alpha * update` on the block `rows` of the parameter's matrix view."""
     view = param.permute(entry.perm)
     if view.is_contiguous():
         view.view(entry.matrix_shape)[:, rows].add_(update, alpha=alpha)
@@ -262,18 +260,19 @@ class Muon(torch.optim.Optimizer):
             torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
             for p, grad, buf in zip(params, grads, bufs):
                 entry = self._entries[p]
-                for index, (rows, scale) in enumerate(zip(entry.blocks, entry.lr_scales)):
-                    key = (p.device, rows, entry.matrix_shape[2], dtype, schedule, group["eps"])
+                for start, size, scale in zip(entry.block_offsets, entry.blocks, entry.lr_scales):
+                    key = (p.device, size, entry.matrix_shape[2], dtype, schedule, group["eps"])
                     batches.setdefault(key, []).append(
-                        (p, entry, index, grad, buf, group, -group["lr"] * scale))
+                        (p, entry, slice(start, start + size), grad, buf, group,
+                         -group["lr"] * scale))
         for (device, rows, cols, dtype, schedule, eps), blocks in batches.items():
             counts = [block[1].matrix_shape[0] for block in blocks]
             stack = torch.empty((sum(counts), rows, cols), dtype=dtype, device=device)
-            for (p, entry, index, grad, buf, group, _), out in zip(blocks, stack.split(counts)):
-                _write_direction(out, grad, buf, entry, index, group)
+            for (p, entry, rows, grad, buf, group, _), out in zip(blocks, stack.split(counts)):
+                _write_direction(out, grad, buf, entry, rows, group)
             updates = newton_schulz(stack, schedule, eps, out=stack).split(counts)
-            for (p, entry, index, *_, alpha), update in zip(blocks, updates):
-                _add_block(p, entry, index, update, alpha)
+            for (p, entry, rows, *_, alpha), update in zip(blocks, updates):
+                _add_block(p, entry, rows, update, alpha)
 
     def _adamw_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         """torch's AdamW arithmetic (its fused kernel where the device has one)."""
