@@ -374,21 +374,25 @@ def _descent(step: jax.Array, param: Any, lr: Any, weight_decay: Any) -> jax.Arr
 class _Context(NamedTuple):
     names: list[str]
     grads: list[Any]
+    by_name: dict[str, Any]
     treedef: Any
     plan: Plan
     params: list[Any] | None
 
 
-def _context(updates: Any, params: Any, config: MuonConfig, layout: str,
-             algorithms: Mapping[str, str] | None, needs_params: bool) -> _Context:
+def _context(updates: Any, params: Any, momentum_buffer: Mapping[str, Any], config: MuonConfig,
+             layout: str, algorithms: Mapping[str, str] | None, needs_params: bool) -> _Context:
+    """Flatten and check the updates (and params), plan them and check the momentum buffers."""
     names, grads, treedef = _flatten(updates)
     _check_leaves(names, grads, "update")
     if needs_params and params is None:
         raise ValueError("weight decay needs the parameters: call update(updates, state, params) "
                          "or set weight_decay=0")
     p_leaves = None if params is None else _check_params(params, treedef, names, grads)
-    return _Context(names, grads, treedef, _plan(names, grads, config, layout, algorithms),
-                    p_leaves)
+    plan = _plan(names, grads, config, layout, algorithms)
+    by_name = dict(zip(names, grads))
+    _check_state("momentum_buffer", momentum_buffer, {e.name: by_name[e.name] for e in plan.muon})
+    return _Context(names, grads, by_name, treedef, plan, p_leaves)
 
 
 def _init_parts(params: Any, config: MuonConfig, layout: str,
@@ -421,10 +425,9 @@ def scale_by_muon(config: MuonConfig | None = None, *, layout: str = "in_out",
         return ScaleByMuonState(buffers, record)
 
     def update_fn(updates: Any, state: ScaleByMuonState, params: Any = None):
-        ctx = _context(updates, params, config, layout, algorithms, needs_params=False)
-        grads = dict(zip(ctx.names, ctx.grads))
-        _check_state("momentum_buffer", state.momentum_buffer,
-                     {e.name: grads[e.name] for e in ctx.plan.muon})
+        ctx = _context(updates, params, state.momentum_buffer, config, layout, algorithms,
+                       needs_params=False)
+        grads = ctx.by_name
         ok, record = _finite_gate(ctx.names, ctx.grads, state.nonfinite, config.nonfinite)
         directions, bufs = _muon_directions(grads, state.momentum_buffer, ctx.plan, config,
                                             hyper.momentum)
@@ -470,10 +473,9 @@ def muon(config: MuonConfig | None = None, *, layout: str = "in_out",
                          {n: jnp.zeros_like(x) for n, x in adamw.items()}, record)
 
     def update_fn(updates: Any, state: MuonState, params: Any = None):
-        ctx = _context(updates, params, config, layout, algorithms, needs_params)
-        grads = dict(zip(ctx.names, ctx.grads))
-        _check_state("momentum_buffer", state.momentum_buffer,
-                     {e.name: grads[e.name] for e in ctx.plan.muon})
+        ctx = _context(updates, params, state.momentum_buffer, config, layout, algorithms,
+                       needs_params)
+        grads = ctx.by_name
         adamw_grads = {e.name: grads[e.name] for e in ctx.plan.adamw}
         _check_state("mu", state.mu, adamw_grads)
         _check_state("nu", state.nu, adamw_grads)
