@@ -36,3 +36,12 @@ def test_peer_pair_refuses_a_per_iteration_schedule():
     params = {"w": torch.nn.Parameter(torch.zeros(4, 4))}
     with pytest.raises(ValueError, match="ns_coefficients='quintic'"):
         bench.peer_optimizers(params, bench.SETTINGS.replace(ns_coefficients="quintic"))
+
+
+@pytest.mark.parametrize("change", [{"momentum_kind": "sum"}, {"ns_dtype": "float32"},
+                                    {"lr_scaling": "spectral"}])
+def test_peer_pair_refuses_settings_torch_muon_would_ignore(change):
+    params = {"w": torch.nn.Parameter(torch.zeros(4, 4))}
+    (key, value), = change.items()
+    with pytest.raises(ValueError, match=rf"{key}='{value}': torch.optim.Muon only has"):
+        bench.peer_optimizers(params, bench.SETTINGS.replace(**change))

@@ -15,6 +15,10 @@ from muon_torch._optimizer import Muon
 
 PEER = "torch.optim.Muon + torch.optim.AdamW"
 PEER_NS = "torch.optim.Muon's Newton-Schulz"
+# Choices torch.optim.Muon has (EMA momentum, NS in bfloat16, two LR scalings): it would ignore
+# another momentum kind or NS dtype without a word, so the peer pair refuses them.
+PEER_CHOICES = {"momentum_kind": ("ema",), "ns_dtype": ("bfloat16",),
+                "lr_scaling": ("original", "match_rms_adamw")}
 # Settings both optimizers can express: Keller's coefficients, EMA Nesterov momentum, no QKV split.
 SETTINGS = MuonConfig(lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True,
                       ns_coefficients="keller", ns_steps=5, eps=1e-7, ns_dtype="bfloat16",
@@ -39,12 +43,16 @@ def peer_optimizers(params: Mapping[str, torch.nn.Parameter], config: MuonConfig
                     plan: muon_core.Plan | None = None) -> dict[str, torch.optim.Optimizer]:
     """{"muon": torch.optim.Muon, "adamw": torch.optim.AdamW (its defaults otherwise)} on the
     parameters `plan` (default: the core's plan of `params`) routes to each, at `config`'s
-    settings; an empty half is left out."""
+    settings (refused where torch.optim.Muon cannot express them); an empty half is left out."""
     plan = plan or muon_core.plan({n: tuple(p.shape) for n, p in params.items()}, config)
     schedule = muon_core.ns_schedule(config.ns_coefficients, config.ns_steps)
     if len(set(schedule.coefficients)) != 1 or schedule.norm_scale != 1:
         raise ValueError(f"ns_coefficients={config.ns_coefficients!r}: torch.optim.Muon takes one "
                          "(a, b, c) triple and plain normalisation")
+    for key, expressible in PEER_CHOICES.items():
+        if getattr(config, key) not in expressible:
+            raise ValueError(f"{key}={getattr(config, key)!r}: torch.optim.Muon only has "
+                             f"{list(expressible)}")
     hidden = [params[e.name] for e in plan.muon]
     rest = [params[e.name] for e in plan.adamw]
     peers = {}
