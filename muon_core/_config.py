@@ -194,8 +194,7 @@ class MuonConfig:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if field.name == "adamw":
-                value = {"lr": value.lr, "betas": list(value.betas), "eps": value.eps,
-                         "weight_decay": value.weight_decay}
+                value = {**dataclasses.asdict(value), "betas": list(value.betas)}
             elif field.name == "rules":
                 value = [rule.to_dict() for rule in value]
             elif field.name == "ns_coefficients" and not isinstance(value, str):
