@@ -44,3 +44,13 @@ def test_compare_rows():
         assert row["peer"] == "optax.contrib.muon"
         assert row["ours_s"] > 0 and row["peer_s"] > 0
         assert row["ratio"] == pytest.approx(row["ours_s"] / row["peer_s"])
+
+
+@pytest.mark.parametrize("change", [{"ns_coefficients": "quintic"}, {"momentum_kind": "sum"},
+                                    {"ns_dtype": "bfloat16"}, {"split_qkv": True},
+                                    {"lr_scaling": "spectral"}])
+def test_peer_refuses_settings_optax_would_ignore(change):
+    params = bench._random(bench.in_out_shapes(TINY), 0)
+    (key, value), = change.items()
+    with pytest.raises(ValueError, match=rf"{key}={value!r}: "):
+        bench.peer_transform(params, bench.SETTINGS.replace(**change))

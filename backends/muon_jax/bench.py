@@ -16,6 +16,10 @@ from muon_core import MuonConfig
 from muon_jax._transform import muon, plan_for
 
 PEER = "optax.contrib.muon"
+# Choices optax.contrib.muon has (EMA momentum, NS in the parameters' dtype, whole matrices,
+# Keller's LR scale): it would ignore another choice without a word, so the peer refuses it.
+PEER_CHOICES = {"momentum_kind": ("ema",), "ns_dtype": ("float32",), "split_qkv": (False,),
+                "lr_scaling": ("original",)}
 # Settings both optimizers can express: Keller's coefficients, EMA Nesterov momentum, float32 NS
 # (optax runs NS in the parameters' dtype), no QKV split (optax orthogonalizes whole matrices).
 SETTINGS = MuonConfig(lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True,
@@ -47,13 +51,22 @@ def in_out_shapes(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int,
 
 def peer_transform(params: Mapping[str, jax.Array],
                    config: MuonConfig) -> optax.GradientTransformation:
-    """optax.contrib.muon at `config`'s settings, sending exactly the leaves our plan routes to
-    Muon there (through `muon_weight_dimension_numbers`, None for the AdamW leaves)."""
+    """optax.contrib.muon at `config`'s settings (refused where it cannot express them), sending
+    exactly the leaves our plan routes to Muon there (through `muon_weight_dimension_numbers`,
+    None for the AdamW leaves)."""
+    schedule = muon_core.ns_schedule(config.ns_coefficients, config.ns_steps)
+    if len(set(schedule.coefficients)) != 1 or schedule.norm_scale != 1:
+        raise ValueError(f"ns_coefficients={config.ns_coefficients!r}: the peer is given one "
+                         "(a, b, c) triple and plain normalisation")
+    for key, expressible in PEER_CHOICES.items():
+        if getattr(config, key) not in expressible:
+            raise ValueError(f"{key}={getattr(config, key)!r}: optax.contrib.muon only has "
+                             f"{list(expressible)}")
     dims = {e.name: optax.contrib.MuonDimensionNumbers(reduction_axis=0, output_axis=1)
             if e.is_muon else None for e in plan_for(params, config)}
     beta1, beta2 = config.adamw.betas
     return optax.contrib.muon(
-        learning_rate=config.lr, ns_coeffs=muon_core.ns_schedule("keller").coefficients[0],
+        learning_rate=config.lr, ns_coeffs=schedule.coefficients[0],
         ns_steps=config.ns_steps, beta=config.momentum, eps=config.eps,
         weight_decay=config.weight_decay, nesterov=config.nesterov, adam_b1=beta1,
         adam_b2=beta2, adam_weight_decay=config.adamw.weight_decay,
