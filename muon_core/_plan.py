@@ -7,7 +7,7 @@ import fnmatch
 import math
 from collections.abc import Iterator, Mapping, Sequence
 
-from muon_core._config import ALGORITHMS, LAYOUTS, MuonConfig, Rule
+from muon_core._config import ALGORITHMS, LAYOUTS, LR_SCALINGS, MuonConfig, Rule
 
 # Names of modules whose 2-D weights are not hidden matrices.
 EMBEDDING_NAMES = frozenset({"embed", "embeds", "embedding", "embeddings", "embed_tokens", "wte",
@@ -29,8 +29,7 @@ def lr_scale(rows: int, cols: int, scaling: str) -> float:
         return math.sqrt(rows / cols)
     if scaling == "none":
         return 1.0
-    raise ValueError(f"lr_scaling={scaling!r} is invalid: expected original, match_rms_adamw, "
-                     "spectral or none")
+    raise ValueError(f"lr_scaling={scaling!r} is invalid: expected one of {list(LR_SCALINGS)}")
 
 
 @dataclasses.dataclass(frozen=True)
