@@ -9,7 +9,7 @@ from muon_core._ns import NSSchedule, ns_schedule, orthogonalize
 from muon_core._plan import ParamPlan, Plan, lr_scale, plan
 from muon_core._registry import available_backends, load_backend
 from muon_core._shapes import gpt2_shapes
-from muon_core._timing import interleaved_times
+from muon_core._timing import interleaved_times, peer_schedule
 from muon_core._reference import (
     check_gradients,
     from_matrices,
@@ -27,5 +27,5 @@ __all__ = [
     "AdamWConfig", "MuonConfig", "NSSchedule", "ParamPlan", "Plan", "Rule", "available_backends",
     "check_gradients", "from_matrices", "gpt2_shapes", "init_state", "interleaved_times",
     "load_backend", "lr_scale", "momentum_update", "muon_update", "nonfinite_message",
-    "ns_schedule", "orthogonalize", "plan", "reference_step", "to_matrices",
+    "ns_schedule", "orthogonalize", "peer_schedule", "plan", "reference_step", "to_matrices",
 ]

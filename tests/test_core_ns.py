@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+import muon_core
 from muon_core import ns_schedule, orthogonalize
 from muon_core._ns import POLAR_EXPRESS_RAW, QUINTIC
 
@@ -134,3 +135,12 @@ def test_bad_input_errors_name_the_problem():
         orthogonalize(np.ones((3, 3)), coefficients="fast")
     with pytest.raises(ValueError, match=r"dtype='int64' is invalid: expected one of \['bfloat16'"):
         orthogonalize(np.ones((3, 3)), dtype="int64")
+
+
+def test_peer_schedule_refuses_what_a_peer_cannot_run():
+    config = muon_core.MuonConfig(ns_coefficients="keller", momentum_kind="sum")
+    assert muon_core.peer_schedule(config, "peer", {}) == muon_core.ns_schedule("keller", 5)
+    with pytest.raises(ValueError, match=r"momentum_kind='sum': peer only has \['ema'\]"):
+        muon_core.peer_schedule(config, "peer", {"momentum_kind": ("ema",)})
+    with pytest.raises(ValueError, match=r"ns_coefficients='quintic': peer takes one"):
+        muon_core.peer_schedule(config.replace(ns_coefficients="quintic"), "peer", {})

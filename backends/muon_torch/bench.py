@@ -45,14 +45,7 @@ def peer_optimizers(params: Mapping[str, torch.nn.Parameter], config: MuonConfig
     parameters `plan` (default: the core's plan of `params`) routes to each, at `config`'s
     settings (refused where torch.optim.Muon cannot express them); an empty half is left out."""
     plan = plan or muon_core.plan({n: tuple(p.shape) for n, p in params.items()}, config)
-    schedule = muon_core.ns_schedule(config.ns_coefficients, config.ns_steps)
-    if len(set(schedule.coefficients)) != 1 or schedule.norm_scale != 1:
-        raise ValueError(f"ns_coefficients={config.ns_coefficients!r}: torch.optim.Muon takes one "
-                         "(a, b, c) triple and plain normalisation")
-    for key, expressible in PEER_CHOICES.items():
-        if getattr(config, key) not in expressible:
-            raise ValueError(f"{key}={getattr(config, key)!r}: torch.optim.Muon only has "
-                             f"{list(expressible)}")
+    schedule = muon_core.peer_schedule(config, "torch.optim.Muon", PEER_CHOICES)
     hidden = [params[e.name] for e in plan.muon]
     rest = [params[e.name] for e in plan.adamw]
     peers = {}
