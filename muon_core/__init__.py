@@ -5,7 +5,7 @@ on any Array API array, and the reference step every backend is checked against.
 """
 
 from muon_core._config import AdamWConfig, MuonConfig, Rule
-from muon_core._ns import NSSchedule, ns_schedule, orthogonalize
+from muon_core._ns import NSSchedule, ns_schedule, orthogonalize, resolve_dtype
 from muon_core._plan import ParamPlan, Plan, lr_scale, plan
 from muon_core._registry import available_backends, load_backend
 from muon_core._shapes import gpt2_shapes
@@ -27,5 +27,6 @@ __all__ = [
     "AdamWConfig", "MuonConfig", "NSSchedule", "ParamPlan", "Plan", "Rule", "available_backends",
     "check_gradients", "from_matrices", "gpt2_shapes", "init_state", "interleaved_times",
     "load_backend", "lr_scale", "momentum_update", "muon_update", "nonfinite_message",
-    "ns_schedule", "orthogonalize", "peer_schedule", "plan", "reference_step", "to_matrices",
+    "ns_schedule", "orthogonalize", "peer_schedule", "plan", "reference_step", "resolve_dtype",
+    "to_matrices",
 ]

@@ -404,3 +404,14 @@ def test_for_model_trains_and_head_is_adamw():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_bad_ns_dtype_set_on_a_group_is_refused_before_anything_changes():
+    params = named_params(SHAPES)
+    opt = Muon(params)
+    set_grads(params, seed=1)
+    opt.param_groups[0]["ns_dtype"] = "int8"
+    before = _snapshot(params, opt)
+    with pytest.raises(ValueError, match=r"ns_dtype='int8' is invalid: expected one of"):
+        opt.step()
+    _assert_same_snapshot(before, _snapshot(params, opt))

@@ -17,15 +17,6 @@ from muon_torch._groups import (adamw_hyperparameters, muon_hyperparameters, par
 from muon_torch._model import module_kinds, sparse_parameters
 from muon_torch._newton_schulz import newton_schulz
 
-NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
-
-
-def _ns_dtype(name: str) -> torch.dtype:
-    if name not in NS_DTYPES:
-        raise ValueError(f"ns_dtype={name!r} is invalid: expected one of {list(NS_DTYPES)}")
-    return NS_DTYPES[name]
-
-
 def _fused_adamw_supported(params: Iterable[torch.Tensor]) -> bool:
     devices = _get_fused_kernels_supported_devices()
     return all(p.device.type in devices and p.is_floating_point() for p in params)
@@ -63,8 +54,8 @@ def _ns_settings(group: Mapping[str, Any]) -> tuple[torch.dtype, muon_core.NSSch
     if group["momentum_kind"] not in ("ema", "sum"):
         raise ValueError(f"momentum_kind={group['momentum_kind']!r} is invalid: expected 'ema' "
                          "or 'sum'")
-    return _ns_dtype(group["ns_dtype"]), muon_core.ns_schedule(group["ns_coefficients"],
-                                                               group["ns_steps"])
+    schedule = muon_core.ns_schedule(group["ns_coefficients"], group["ns_steps"])
+    return muon_core.resolve_dtype(group["ns_dtype"], torch), schedule
 
 
 def _update_momentum(grads: list[torch.Tensor], bufs: list[torch.Tensor],
