@@ -54,14 +54,7 @@ def peer_transform(params: Mapping[str, jax.Array],
     """optax.contrib.muon at `config`'s settings (refused where it cannot express them), sending
     exactly the leaves our plan routes to Muon there (through `muon_weight_dimension_numbers`,
     None for the AdamW leaves)."""
-    schedule = muon_core.ns_schedule(config.ns_coefficients, config.ns_steps)
-    if len(set(schedule.coefficients)) != 1 or schedule.norm_scale != 1:
-        raise ValueError(f"ns_coefficients={config.ns_coefficients!r}: the peer is given one "
-                         "(a, b, c) triple and plain normalisation")
-    for key, expressible in PEER_CHOICES.items():
-        if getattr(config, key) not in expressible:
-            raise ValueError(f"{key}={getattr(config, key)!r}: optax.contrib.muon only has "
-                             f"{list(expressible)}")
+    schedule = muon_core.peer_schedule(config, PEER, PEER_CHOICES)
     dims = {e.name: optax.contrib.MuonDimensionNumbers(reduction_axis=0, output_axis=1)
             if e.is_muon else None for e in plan_for(params, config)}
     beta1, beta2 = config.adamw.betas
