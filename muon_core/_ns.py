@@ -141,6 +141,9 @@ def orthogonalize(G: Any, steps: int = 5, coefficients: Any = "keller", eps: flo
                          f"with shape {tuple(G.shape)}")
     if not xp.isdtype(G.dtype, "real floating"):
         raise TypeError(f"orthogonalize needs a real floating array, got {G.dtype=}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+        raise ValueError(f"{eps=} is invalid: expected a finite number > 0 (the norm's floor, "
+                         "which keeps NS(0) = 0 free of NaN)")
     schedule = ns_schedule(coefficients, steps)
     work = G if dtype is None else xp.astype(G, resolve_dtype(dtype, xp, key="dtype"))
     return xp.astype(_newton_schulz(work, schedule, eps, xp=xp), G.dtype)

@@ -50,7 +50,7 @@ def test_keller_maps_singular_values_as_published():
     v, _ = np.linalg.qr(rng.standard_normal((7, 7)))
     s = np.array([1e-3, 1e-2, 0.1, 0.5, 1.0])
     g = u @ np.diag(s) @ v[:5]
-    out = orthogonalize(g * np.linalg.norm(s) / np.linalg.norm(g), eps=0.0)
+    out = orthogonalize(g * np.linalg.norm(s) / np.linalg.norm(g))
     # Normalising divides s by ||s||; map the golden points through that factor.
     golden = scalar_iteration(s / np.linalg.norm(s), ns_schedule("keller", 5))
     np.testing.assert_allclose(sorted(singular_values(out)), sorted(golden), rtol=1e-9)
@@ -129,6 +129,9 @@ def test_bad_input_errors_name_the_problem():
         orthogonalize(np.ones(3))
     with pytest.raises(TypeError, match="G.dtype=dtype\\('int64'\\)"):
         orthogonalize(np.ones((3, 3), dtype=np.int64))
+    for eps in (0.0, -1e-7, float("nan")):
+        with pytest.raises(ValueError, match="eps=.* is invalid: expected a finite number > 0"):
+            orthogonalize(np.zeros((3, 3)), eps=eps)
     with pytest.raises(ValueError, match="ns_steps=0"):
         orthogonalize(np.ones((3, 3)), steps=0)
     with pytest.raises(ValueError, match="ns_coefficients='fast'"):
