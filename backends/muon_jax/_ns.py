@@ -10,9 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from muon_core import NSSchedule, ns_schedule
-
-NS_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float64": jnp.float64}
+from muon_core import NSSchedule, ns_schedule, resolve_dtype
 
 
 def ns_dtype(name: str) -> Any:
@@ -20,7 +18,7 @@ def ns_dtype(name: str) -> Any:
     if name == "float64" and not jax.config.jax_enable_x64:
         raise ValueError("ns_dtype='float64' needs jax.config.update('jax_enable_x64', True); "
                          "without it JAX silently computes in float32")
-    return NS_DTYPES[name]
+    return resolve_dtype(name, jnp)
 
 
 def _newton_schulz(x: jax.Array, schedule: NSSchedule, eps: float) -> jax.Array:
