@@ -6,7 +6,6 @@ Same config file, same parameter names and the same routing as char_gpt_torch.py
 parameters are a dict pytree in flax's (in, out) layout (`muon_cli.jax_models`).
 """
 
-import argparse
 from pathlib import Path
 
 import jax
@@ -14,9 +13,9 @@ import numpy as np
 import optax
 
 import muon_jax
-from muon_cli.data import VOCAB, char_windows, encode_chars, python_source_text
+from muon_cli.data import (VOCAB, char_example_settings, char_windows, encode_chars,
+                           python_source_text)
 from muon_cli.jax_models import char_gpt, init_char_gpt
-from muon_core import MuonConfig
 
 CONFIG = Path(__file__).with_name("muon.toml")
 
@@ -28,12 +27,7 @@ def loss_fn(params, x, y):
 
 def main() -> None:
     """Train and print the loss every 50 steps."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--config", default=str(CONFIG))
-    args = parser.parse_args()
-
-    cfg = MuonConfig.from_file(args.config)
+    steps, cfg = char_example_settings(__doc__.splitlines()[0], str(CONFIG))
     params = init_char_gpt(jax.random.key(0), vocab=VOCAB, context=64)
     tx = muon_jax.muon(cfg)
     print(muon_jax.plan_for(params, cfg))
@@ -46,7 +40,7 @@ def main() -> None:
         return optax.apply_updates(params, updates), state, loss
 
     ids, rng = encode_chars(python_source_text()), np.random.default_rng(0)
-    for step in range(1, args.steps + 1):
+    for step in range(1, steps + 1):
         params, state, loss = train_step(params, state, *char_windows(ids, 64, 32, rng))
         if step % 50 == 0 or step == 1:
             print(f"step {step:5d}  loss {float(loss):.3f}")

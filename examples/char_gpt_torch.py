@@ -6,16 +6,15 @@ Uses the config file beside it (shared with char_gpt_jax.py) and the model from
 `muon_cli.torch_models`, so `muon plan examples/muon.toml` shows this model's routing.
 """
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
-from muon_cli.data import VOCAB, char_windows, encode_chars, python_source_text
+from muon_cli.data import (VOCAB, char_example_settings, char_windows, encode_chars,
+                           python_source_text)
 from muon_cli.torch_models import CharGPT
-from muon_core import MuonConfig
 from muon_torch import Muon
 
 CONFIG = Path(__file__).with_name("muon.toml")
@@ -23,18 +22,13 @@ CONFIG = Path(__file__).with_name("muon.toml")
 
 def main() -> None:
     """Train and print the loss every 50 steps."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--config", default=str(CONFIG))
-    args = parser.parse_args()
-
-    cfg = MuonConfig.from_file(args.config)
+    steps, cfg = char_example_settings(__doc__.splitlines()[0], str(CONFIG))
     torch.manual_seed(0)
     model = CharGPT(vocab=VOCAB, context=64)
     opt = Muon.for_model(model, cfg)
     print(opt.plan)
     ids, rng = encode_chars(python_source_text()), np.random.default_rng(0)
-    for step in range(1, args.steps + 1):
+    for step in range(1, steps + 1):
         x, y = map(torch.from_numpy, char_windows(ids, 64, 32, rng))
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
         opt.zero_grad(set_to_none=True)

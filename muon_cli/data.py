@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import gzip
 from importlib import resources
 
 import numpy as np
+
+from muon_core import MuonConfig
 
 DIGITS_FILE = "digits.csv.gz"
 
@@ -57,3 +60,12 @@ def char_windows(ids: np.ndarray, context: int, batch_size: int, rng: np.random.
     starts = rng.integers(0, len(ids) - context, size=batch_size)
     window = starts[:, None] + np.arange(context + 1)
     return ids[window[:, :-1]], ids[window[:, 1:]]
+
+
+def char_example_settings(description: str, default_config: str) -> tuple[int, MuonConfig]:
+    """Parse the char-model examples' `--steps` and `--config`; return the steps and the config."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--config", default=default_config)
+    args = parser.parse_args()
+    return args.steps, MuonConfig.from_file(args.config)
