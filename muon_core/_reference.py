@@ -134,9 +134,9 @@ def reference_step(params: Mapping[str, Any], grads: Mapping[str, Any], state: S
         raise FloatingPointError(nonfinite_message(bad, {n: params[n].shape for n in bad}))
     if bad:
         return dict(params), dict(state or {})
-    fresh = init_state(params, plan)
-    state = {**fresh, **(state or {})}
-    new_params, new_state = dict(params), dict(state)
+    state = dict(state or {})
+    state |= init_state(params, Plan(tuple(e for e in plan if e.name not in state), plan.config))
+    new_params, new_state = dict(params), state
     for entry in plan:
         grad = grads.get(entry.name)
         if grad is None:
