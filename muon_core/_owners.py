@@ -1,0 +1,91 @@
+"""Which rank orthogonalizes which Muon parameter: a pure function of the plan and the world size.
+
+Every rank (and both frameworks) computes the same table from the same plan without talking.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+from muon_core._plan import ParamPlan, Plan
+
+
+def ns_flops(rows: int, cols: int, steps: int) -> int:
+    """Floating-point operations of `steps` Newton-Schulz iterations on one (rows, cols) matrix.
+
+    With m = min(rows, cols) and n = max(rows, cols), an iteration costs X Xᵀ (2m²n),
+    A·A (2m³) and B·X (2m²n).
+    """
+    m, n = sorted((rows, cols))
+    return steps * (4 * m * m * n + 2 * m ** 3)
+
+
+def param_ns_flops(entry: ParamPlan, steps: int) -> int:
+    """Newton-Schulz flops of every block of one Muon parameter, its batch included."""
+    batch, _, cols = entry.matrix_shape
+    return batch * sum(ns_flops(rows, cols, steps) for rows in entry.blocks)
+
+
+@dataclasses.dataclass(frozen=True)
+class OwnerTable:
+    """Owner rank of each Muon parameter (`owner[name]`) and the Newton-Schulz flops per rank.
+
+    Built by `assign_owners`: parameters are taken largest cost first (ties in plan order) and
+    each goes to the least-loaded rank (ties to the lowest rank), so every rank computes the
+    same table from the same plan.
+    """
+
+    world_size: int
+    owner: Mapping[str, int]
+    cost: Mapping[str, int]
+    load: tuple[int, ...]
+
+    @property
+    def imbalance(self) -> float:
+        """max/mean of the per-rank load (1.0 is perfect balance; 1.0 when there is no work)."""
+        mean = sum(self.load) / self.world_size
+        return max(self.load) / mean if mean else 1.0
+
+    def owned_by(self, rank: int) -> tuple[str, ...]:
+        """Names of the parameters `rank` owns, in plan order."""
+        return tuple(name for name, r in self.owner.items() if r == rank)
+
+    def table(self) -> str:
+        """Per-rank load: parameters owned, Newton-Schulz GFLOP per step, share of the mean."""
+        mean = sum(self.load) / self.world_size or 1.0
+        lines = [f"{'rank':>4}  {'params':>6}  {'NS GFLOP/step':>13}  {'load/mean':>9}"]
+        for rank, load in enumerate(self.load):
+            lines.append(f"{rank:>4}  {len(self.owned_by(rank)):>6}  {load / 1e9:>13.2f}  "
+                         f"{load / mean:>9.3f}")
+        lines.append(f"world size {self.world_size}: load max/mean {self.imbalance:.3f}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def assign_owners(plan: Plan, world_size: int, steps: int | None = None) -> OwnerTable:
+    """Give each Muon parameter of `plan` one owner rank in `range(world_size)`, balancing
+    Newton-Schulz flops (greedy, largest first). `steps` defaults to `plan.config.ns_steps`."""
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size={world_size!r} is invalid: expected a positive int")
+    steps = plan.config.ns_steps if steps is None else steps
+    entries = plan.muon
+    cost = {e.name: param_ns_flops(e, steps) for e in entries}
+    order = sorted(range(len(entries)), key=lambda i: (-cost[entries[i].name], i))
+    load = [0] * world_size
+    owner_of_index: dict[int, int] = {}
+    for index in order:
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        owner_of_index[index] = rank
+        load[rank] += cost[entries[index].name]
+    owner = {entries[i].name: owner_of_index[i] for i in range(len(entries))}
+    return OwnerTable(world_size, owner, cost, tuple(load))
+
+
+def total_ns_flops(plan: Plan, steps: int | None = None) -> int:
+    """Newton-Schulz flops of a whole step of `plan` on one process."""
+    steps = plan.config.ns_steps if steps is None else steps
+    return sum(param_ns_flops(e, steps) for e in plan.muon)
+
