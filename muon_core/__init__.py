@@ -7,6 +7,7 @@ on any Array API array, and the reference step every backend is checked against.
 from muon_core._config import AdamWConfig, MuonConfig, Rule
 from muon_core._ns import NSSchedule, ns_schedule, orthogonalize, resolve_dtype
 from muon_core._plan import ParamPlan, Plan, lr_scale, plan
+from muon_core._qk_clip import QKClipConfig, QKRule, max_logits, qk_clip, qk_clip_scales
 from muon_core._registry import available_backends, load_backend
 from muon_core._shapes import gpt2_shapes
 from muon_core._timing import interleaved_times, peer_schedule
@@ -30,3 +31,4 @@ __all__ = [
     "ns_schedule", "orthogonalize", "peer_schedule", "plan", "reference_step", "resolve_dtype",
     "to_matrices",
 ]
+__all__ += ["QKClipConfig", "QKRule", "max_logits", "qk_clip", "qk_clip_scales"]
