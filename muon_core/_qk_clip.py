@@ -170,9 +170,10 @@ def _row_view(entry: ParamPlan, layout: str) -> tuple[tuple[int, ...], int, int,
 
 
 def _layer_of(name: str, layers: Mapping[tuple[str, ...], str]) -> tuple[str, list[str]] | None:
-    """The longest reported layer whose name is a prefix of `name`, and the components after."""
+    """The longest reported layer whose name is a prefix of `name` ("" for the whole model),
+    and the components after it."""
     parts = _components(name)
-    for cut in range(len(parts) - 1, 0, -1):
+    for cut in range(len(parts) - 1, -1, -1):
         layer = layers.get(tuple(parts[:cut]))
         if layer is not None:
             return layer, parts[cut:]

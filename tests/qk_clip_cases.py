@@ -8,6 +8,7 @@ import dataclasses
 from collections.abc import Callable
 
 import numpy as np
+import pytest
 
 from muon_core import MuonConfig, QKRule, Rule
 
@@ -185,3 +186,31 @@ def head_logits(h: Heads, x: np.ndarray, n_q: int, n_kv: int) -> list[np.ndarray
             logits = logits + (x @ h.q_rope[i].T) @ (x @ h.k_rope.T).T
         out.append(logits / np.sqrt(q.shape[1] + (0 if h.q_rope is None else ROPE)))
     return out
+
+
+def clip_and_check(case: Case, backend_clip: Callable, seed: int = 0) -> tuple[list, list]:
+    """Clip with the logits' own maxima and check each head's new maximum: tau where its
+    key group's largest logit exceeded tau (for that largest head), at most tau for the
+    others of such a group, unchanged where no head of the group exceeded it."""
+    rng = np.random.default_rng(seed)
+    heads = random_heads(case, rng)
+    x = rng.standard_normal((TOKENS, D_MODEL))
+    before = [lg.max() for lg in head_logits(heads, x, case.n_q, case.n_kv)]
+    tau = float(np.median(before))
+    config = case.config.replace(qk_clip={**case.config.qk_clip.to_dict(), "threshold": tau})
+    params = case.pack(heads)
+    clipped = backend_clip(params, {"attn": np.array(before)}, config, case.layout)
+    after = [lg.max() for lg in head_logits(case.unpack(clipped), x, case.n_q, case.n_kv)]
+    group = case.n_q // case.n_kv
+    for i, (b, a) in enumerate(zip(before, after)):
+        members = before[(i // group) * group:(i // group + 1) * group]
+        if max(members) <= tau:
+            assert a == pytest.approx(b, rel=1e-12), f"head {i}: no clip expected"
+        elif b == max(members):
+            assert a == pytest.approx(tau, rel=1e-9), f"head {i}: expected tau"
+        else:
+            assert a <= tau * (1 + 1e-9) and a < b, f"head {i}: expected <= tau"
+    untouched = [n for n in params if n.endswith(("v_proj.weight", "kv_a.weight"))]
+    for name in untouched:
+        np.testing.assert_array_equal(clipped[name], params[name])
+    return before, after

@@ -5,38 +5,10 @@ import math
 
 import numpy as np
 import pytest
-from qk_clip_cases import D_MODEL, TOKENS, all_cases, head_logits, random_heads, separate
+from qk_clip_cases import all_cases, clip_and_check, random_heads, separate
 
 import muon_core
 from muon_core import MuonConfig, QKClipConfig, QKRule, max_logits, plan, qk_clip
-
-
-def _clip_and_check(case, backend_clip, seed=0):
-    """Clip with the logits' own maxima and check each head's new maximum: tau where its
-    key group's largest logit exceeded tau (for that largest head), at most tau for the
-    others of such a group, unchanged where no head of the group exceeded it."""
-    rng = np.random.default_rng(seed)
-    heads = random_heads(case, rng)
-    x = rng.standard_normal((TOKENS, D_MODEL))
-    before = [lg.max() for lg in head_logits(heads, x, case.n_q, case.n_kv)]
-    tau = float(np.median(before))
-    config = case.config.replace(qk_clip={**case.config.qk_clip.to_dict(), "threshold": tau})
-    params = case.pack(heads)
-    clipped = backend_clip(params, {"attn": np.array(before)}, config, case.layout)
-    after = [lg.max() for lg in head_logits(case.unpack(clipped), x, case.n_q, case.n_kv)]
-    group = case.n_q // case.n_kv
-    for i, (b, a) in enumerate(zip(before, after)):
-        members = before[(i // group) * group:(i // group + 1) * group]
-        if max(members) <= tau:
-            assert a == pytest.approx(b, rel=1e-12), f"head {i}: no clip expected"
-        elif b == max(members):
-            assert a == pytest.approx(tau, rel=1e-9), f"head {i}: expected tau"
-        else:
-            assert a <= tau * (1 + 1e-9) and a < b, f"head {i}: expected <= tau"
-    untouched = [n for n in params if n.endswith(("v_proj.weight", "kv_a.weight"))]
-    for name in untouched:
-        np.testing.assert_array_equal(clipped[name], params[name])
-    return before, after
 
 
 def _numpy_clip(params, qk_max, config, layout):
@@ -45,7 +17,7 @@ def _numpy_clip(params, qk_max, config, layout):
 
 @pytest.mark.parametrize("case", all_cases(), ids=lambda c: c.name)
 def test_clipped_logits_reach_tau_per_head(case):
-    before, after = _clip_and_check(case, _numpy_clip)
+    before, after = clip_and_check(case, _numpy_clip)
     assert max(before) > max(after)
 
 
