@@ -128,3 +128,23 @@ def test_nonfinite_logits_raise_and_change_nothing():
     assert all(bool((p == 1).all()) for _, p in named)
     with pytest.raises(ValueError, match="QK-clip is off"):
         Muon(named, MuonConfig()).qk_clip({"attn": torch.tensor([5.0, 1.0])})
+
+
+@pytest.mark.slow
+def test_demo_caps_what_plain_muon_lets_grow(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    demo = Path(__file__).resolve().parents[1] / "examples" / "qk_clip_demo.py"
+    curves, plot = tmp_path / "curves.json", tmp_path / "qk.png"
+    done = subprocess.run([sys.executable, str(demo), "--steps", "80", "--json", str(curves),
+                           "--plot", str(plot)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    plain, clipped = json.loads(curves.read_text()).values()
+    # tau = 30: plain Muon passes 2 tau within 80 steps; the clipped run stays near tau (each
+    # step's update adds to logits the previous clip left at tau, about 10 % at this lr).
+    assert max(plain["max_logit"]) > 60.0
+    assert max(clipped["max_logit"]) < 45.0
+    assert plot.stat().st_size > 0
