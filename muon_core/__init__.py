@@ -8,6 +8,7 @@ from muon_core._config import AdamWConfig, MuonConfig, Rule
 from muon_core._ns import NSSchedule, ns_schedule, orthogonalize, resolve_dtype
 from muon_core._owners import OwnerTable, assign_owners, ns_flops, param_ns_flops, total_ns_flops
 from muon_core._plan import ParamPlan, Plan, lr_scale, plan
+from muon_core._qk_clip import QKClipConfig, QKRule, max_logits, qk_clip, qk_clip_scales
 from muon_core._registry import available_backends, load_backend
 from muon_core._shapes import gpt2_shapes
 from muon_core._timing import interleaved_times, peer_schedule
@@ -32,3 +33,4 @@ __all__ = [
     "param_ns_flops", "peer_schedule", "plan", "reference_step", "resolve_dtype", "to_matrices",
     "total_ns_flops",
 ]
+__all__ += ["QKClipConfig", "QKRule", "max_logits", "qk_clip", "qk_clip_scales"]

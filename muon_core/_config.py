@@ -149,8 +149,12 @@ class MuonConfig:
     nonfinite: str = "raise"
     rules: tuple[Rule, ...] = ()
     adamw: AdamWConfig = AdamWConfig()
+    qk_clip: Any = None  # a muon_core.QKClipConfig (or its mapping) turns QK-clip on
 
     def __post_init__(self) -> None:
+        from muon_core._qk_clip import QKClipConfig
+
+        object.__setattr__(self, "qk_clip", QKClipConfig.from_value(self.qk_clip))
         _check_number("lr", self.lr, low=0.0)
         _check_number("weight_decay", self.weight_decay, low=0.0)
         _check_number("momentum", self.momentum, low=0.0, high=1.0, high_open=True)
@@ -199,6 +203,8 @@ class MuonConfig:
                 value = [rule.to_dict() for rule in value]
             elif field.name == "ns_coefficients" and not isinstance(value, str):
                 value = [list(t) for t in value]
+            elif field.name == "qk_clip" and value is not None:
+                value = value.to_dict()
             out[field.name] = value
         return out
 

@@ -18,20 +18,24 @@ def _value(value: Any) -> str:
     raise TypeError(f"cannot write {type(value).__name__} value {value!r} as TOML")
 
 
-def dumps_toml(data: dict[str, Any]) -> str:
-    """Write a mapping whose values are scalars, lists, tables or lists of tables."""
+def _table(data: dict[str, Any], path: str) -> list[str]:
+    """Lines of the table at `path` (dotted; "" for the top level): its scalars, then its
+    sub-tables and lists of tables. None values are left out (TOML has no null)."""
     scalars, tables, table_lists = [], [], []
     for key, value in data.items():
+        name = f"{path}.{key}" if path else key
+        if value is None:
+            continue
         if isinstance(value, dict):
-            tables.append((key, value))
+            tables += ["", f"[{name}]"] + _table(value, name)
         elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-            table_lists.append((key, value))
+            for table in value:
+                table_lists += ["", f"[[{name}]]"] + _table(table, name)
         else:
             scalars.append(f"{key} = {_value(value)}")
-    lines = scalars
-    for key, table in tables:
-        lines += ["", f"[{key}]"] + [f"{k} = {_value(v)}" for k, v in table.items()]
-    for key, items in table_lists:
-        for table in items:
-            lines += ["", f"[[{key}]]"] + [f"{k} = {_value(v)}" for k, v in table.items()]
-    return "\n".join(lines) + "\n"
+    return scalars + tables + table_lists
+
+
+def dumps_toml(data: dict[str, Any]) -> str:
+    """Write a mapping whose values are scalars, lists, tables or lists of tables."""
+    return "\n".join(_table(data, "")) + "\n"

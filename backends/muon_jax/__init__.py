@@ -15,6 +15,8 @@ from muon_jax._transform import (
     raise_if_nonfinite,
     scale_by_muon,
 )
+from muon_jax._qk_clip import qk_clip, qk_max
 
 __all__ = ["MuonState", "NonfiniteRecord", "ScaleByMuonState", "leaf_names", "muon",
            "orthogonalize", "plan_for", "raise_if_nonfinite", "scale_by_muon"]
+__all__ += ["qk_clip", "qk_max"]

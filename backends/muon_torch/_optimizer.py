@@ -16,6 +16,7 @@ from muon_torch._groups import (adamw_hyperparameters, muon_hyperparameters, par
                                 with_overrides)
 from muon_torch._model import module_kinds, sparse_parameters
 from muon_torch._newton_schulz import newton_schulz
+from muon_torch._qk_clip import qk_clip as _qk_clip
 
 def _fused_adamw_supported(params: Iterable[torch.Tensor]) -> bool:
     devices = _get_fused_kernels_supported_devices()
@@ -220,6 +221,12 @@ class Muon(torch.optim.Optimizer):
             if group["algorithm"] == "adamw" and params:
                 self._adamw_step(group, params)
         return loss
+
+    def qk_clip(self, qk_max: Mapping[str, Any]) -> None:
+        """QK-clip after `step()`: scale down in place the query and key rows of each head whose
+        logit in `qk_max` (layer name -> per-head maxima, see `record_qk_max`) exceeded
+        `config.qk_clip.threshold`."""
+        _qk_clip({e.name: p for p, e in self._entries.items()}, qk_max, self.plan, self.config)
 
     def _gradients_usable(self, params: list[torch.Tensor]) -> bool:
         """Refuse sparse gradients; raise on NaN/Inf, or return False to skip the step."""

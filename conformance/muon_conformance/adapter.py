@@ -13,7 +13,8 @@ from typing import Any, Protocol, runtime_checkable
 BF16 = "bf16"                 # Newton-Schulz with ns_dtype="bfloat16"
 FLOAT64 = "float64"           # float64 parameters and ns_dtype="float64"
 DISTRIBUTED = "distributed"   # `run_distributed` (processes or devices) equals one process
-CAPABILITIES = frozenset({BF16, FLOAT64, DISTRIBUTED})
+QK_CLIP = "qk_clip"           # `qk_clip(handle, qk_max, config)` rescales as muon_core.qk_clip
+CAPABILITIES = frozenset({BF16, FLOAT64, DISTRIBUTED, QK_CLIP})
 
 
 @runtime_checkable
@@ -24,7 +25,9 @@ class BackendAdapter(Protocol):
     "float64" capability); the adapter must copy what it keeps and never modify them. A handle
     is whatever the adapter needs between calls (an optimizer, a pytree and its state, ...).
     Optional: `run_distributed(params, config, grads, world_size) -> params` for the
-    "distributed" capability, the final parameters after all steps on `world_size` workers.
+    "distributed" capability, the final parameters after all steps on `world_size` workers;
+    `qk_clip(handle, qk_max, config) -> handle` for the "qk_clip" capability, QK-clip with
+    `qk_max` (attention layer name -> numpy per-head maxima) as `muon_core.qk_clip` does it.
     """
 
     name: str

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from muon_core import MuonConfig, Plan, plan, reference_step
-from muon_conformance.adapter import BF16, DISTRIBUTED, FLOAT64, BackendUnavailable
+from muon_core import MuonConfig, Plan, plan, qk_clip, reference_step
+from muon_conformance.adapter import BF16, DISTRIBUTED, FLOAT64, QK_CLIP, BackendUnavailable
 
 
 def _numpy_copies(arrays: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -41,7 +41,7 @@ class NumpyAdapter:
     """`muon_core.reference_step` on numpy arrays, in the arrays' own dtype."""
 
     name = "numpy"
-    capabilities = frozenset({FLOAT64})
+    capabilities = frozenset({FLOAT64, QK_CLIP})
 
     def to_native(self, array: np.ndarray) -> Any:
         """A native array holding a copy of `array`."""
@@ -63,6 +63,12 @@ class NumpyAdapter:
         """One `reference_step`."""
         handle.params, handle.state = reference_step(
             handle.params, self._native(grads), handle.state, handle.config, handle.plan)
+        return handle
+
+    def qk_clip(self, handle: ReferenceHandle, qk_max: Mapping[str, Any],
+                config: MuonConfig) -> ReferenceHandle:
+        """`muon_core.qk_clip` on the native arrays."""
+        handle.params = qk_clip(handle.params, self._native(qk_max), config, handle.plan)
         return handle
 
     def params(self, handle: ReferenceHandle) -> dict[str, np.ndarray]:
@@ -137,7 +143,7 @@ class TorchAdapter:
     """`muon_torch.Muon` over `torch.nn.Parameter`s (torch layout, as the suite uses)."""
 
     name = "torch"
-    capabilities = frozenset({BF16, FLOAT64})
+    capabilities = frozenset({BF16, FLOAT64, QK_CLIP})
 
     def __init__(self) -> None:
         self.muon_class = _require("muon_torch", "Muon", 'pip install "muon-core[torch]"')
@@ -165,6 +171,15 @@ class TorchAdapter:
                 raise ValueError(f"gradient of {name!r} has shape {tuple(np.shape(grad))}, "
                                  f"expected {tuple(param.shape)} (torch: {exc})") from exc
         handle.optimizer.step()
+        return handle
+
+    def qk_clip(self, handle: TorchHandle, qk_max: Mapping[str, Any],
+                config: MuonConfig) -> TorchHandle:
+        """`Muon.qk_clip` with the maxima as tensors (the optimizer holds `config`)."""
+        import torch
+
+        handle.optimizer.qk_clip({layer: torch.tensor(np.asarray(s)) for layer, s in
+                                  qk_max.items()})
         return handle
 
     def params(self, handle: TorchHandle) -> dict[str, np.ndarray]:
@@ -206,7 +221,7 @@ class JaxAdapter:
     devices in a fresh interpreter."""
 
     name = "jax"
-    capabilities = frozenset({BF16, FLOAT64, DISTRIBUTED})
+    capabilities = frozenset({BF16, FLOAT64, DISTRIBUTED, QK_CLIP})
 
     known_failures = {
         "bad_inputs[nonfinite_raise]": "under jit a NaN gradient cannot raise a Python "
@@ -251,6 +266,17 @@ class JaxAdapter:
             updates, state = handle.update(native, handle.state, handle.params)
             params = optax.apply_updates(handle.params, updates)
             return dataclasses.replace(handle, params=params, state=state)
+
+    def qk_clip(self, handle: JaxHandle, qk_max: Mapping[str, Any],
+                config: MuonConfig) -> JaxHandle:
+        """`muon_jax.qk_clip(params, qk_max, config, layout="out_in")`; returns a new handle."""
+        import jax.numpy as jnp
+        import muon_jax
+
+        with self._x64(handle.x64):
+            maxima = {layer: jnp.asarray(np.asarray(s)) for layer, s in qk_max.items()}
+            params = muon_jax.qk_clip(handle.params, maxima, config, layout="out_in")
+            return dataclasses.replace(handle, params=params)
 
     def params(self, handle: JaxHandle) -> dict[str, np.ndarray]:
         """numpy copies of the parameters."""

@@ -17,8 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from muon_core import MuonConfig, Rule, plan
-from muon_conformance.adapter import BF16, CAPABILITIES, DISTRIBUTED, FLOAT64, unknown_capabilities
+from muon_core import MuonConfig, QKRule, Rule, plan
+from muon_core import qk_clip as reference_qk_clip
+from muon_conformance.adapter import (
+    BF16, CAPABILITIES, DISTRIBUTED, FLOAT64, QK_CLIP, unknown_capabilities,
+)
 from muon_conformance.oracle import (
     NUMPY_DTYPES, STANDARD_RULES, STANDARD_SHAPES, TIERS, ConformanceFailure, Tolerance,
     base_config, cast, compare, describe_options, make_grads, make_params, reference_trajectory,
@@ -523,6 +526,47 @@ def check_distributed(adapter: Any, world_size: int, where: Where) -> None:
     expected = reference_trajectory(params, grads, where.config)[-1:]
     where = dataclasses.replace(where, case=f"{where.case}, {world_size} workers")
     compare_trajectory([final], expected, params, where.tol, where)
+
+
+# -- QK-clip ----------------------------------------------------------------------------------
+
+# case -> (shapes in torch layout, routing rules, QK-clip rules, per-head logits of layer "attn")
+QK_CLIP_CASES = {
+    "separate": ({"attn.q_proj.weight": (16, 12), "attn.q_proj.bias": (16,),
+                  "attn.k_proj.weight": (16, 12), "attn.k_proj.bias": (16,),
+                  "attn.v_proj.weight": (16, 12)}, (), (), (3.0, 0.5, 1.5, 0.8)),
+    "gqa": ({"attn.wq.weight": (16, 12), "attn.wk.weight": (8, 12)}, (), (),
+            (3.0, 0.5, 0.8, 0.9)),
+    "fused": ({"attn.qkv.weight": (36, 12)}, (), (), (2.0, 0.7, 4.0)),
+    "fused_gqa": ({"attn.qkv.weight": (32, 12)}, (Rule(match="attn.qkv.*", split=(16, 8, 8)),),
+                  (), (0.5, 2.5, 4.0, 1.0)),
+    "per_head": ({"attn.query.weight": (4, 4, 12), "attn.key.weight": (4, 4, 12)},
+                 (Rule(match="*.query.*", out_axes=(0, 1), in_axes=(2,)),
+                  Rule(match="*.key.*", out_axes=(1,), in_axes=(2,))), (),
+                 (1.2, 0.3, 5.0, 0.9)),
+    "mla": ({"attn.q_b.weight": (24, 12), "attn.kv_b.weight": (28, 12),
+             "attn.kv_a.weight": (2, 12)}, (),
+            (QKRule("*.q_b.*", "query", rope_dim=2), QKRule("*.kv_b.*", "key", value_dim=3),
+             QKRule("*.kv_a.*", "none")), (3.0, 0.5, 1.5, 0.8)),
+}
+
+
+@_register("qk_clip", [Case(name, name, base_config(
+    rules=rules, qk_clip={"threshold": 1.0, "alpha": 0.5, "rules": qk_rules}),
+    needs=frozenset({QK_CLIP})) for name, (_, rules, qk_rules, _) in QK_CLIP_CASES.items()])
+def check_qk_clip(adapter: Any, name: str, where: Where) -> None:
+    """One step then QK-clip (tau = 1) gives the float64 reference's weights for separate Q/K
+    with biases, GQA, fused QKV (equal and GQA blocks), per-head kernels and MLA (float32)."""
+    shapes, _, _, logits = QK_CLIP_CASES[name]
+    params, grads = seeded_inputs(where.tier, 1, shapes)
+    qk_max = {"attn": np.asarray(logits, dtype=NUMPY_DTYPES[where.tier])}
+    reference = reference_trajectory(params, grads, where.config)[0][0]
+    expected = reference_qk_clip(reference, cast(qk_max, np.float64), where.config)
+    handle = adapter.step(adapter.make(params, where.config), grads[0])
+    got = adapter.params(adapter.qk_clip(handle, qk_max, where.config))
+    for param, value in expected.items():
+        compare(got[param], value, tol=where.tol, baseline=params[param],
+                where=where.at(param, value.shape, "after one step and QK-clip"))
 
 
 # -- collecting -----------------------------------------------------------------------------
