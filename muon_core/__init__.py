@@ -12,12 +12,15 @@ from muon_core._shapes import gpt2_shapes
 from muon_core._timing import interleaved_times, peer_schedule
 from muon_core._reference import (
     check_gradients,
+    decay_factor,
     from_matrices,
     init_state,
+    momentum_coefficients,
     momentum_update,
     muon_update,
     nonfinite_message,
     reference_step,
+    step_allowed,
     to_matrices,
 )
 
@@ -25,8 +28,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdamWConfig", "MuonConfig", "NSSchedule", "ParamPlan", "Plan", "Rule", "available_backends",
-    "check_gradients", "from_matrices", "gpt2_shapes", "init_state", "interleaved_times",
-    "load_backend", "lr_scale", "momentum_update", "muon_update", "nonfinite_message",
-    "ns_schedule", "orthogonalize", "peer_schedule", "plan", "reference_step", "resolve_dtype",
-    "to_matrices",
+    "check_gradients", "decay_factor", "from_matrices", "gpt2_shapes", "init_state",
+    "interleaved_times", "load_backend", "lr_scale", "momentum_coefficients", "momentum_update",
+    "muon_update", "nonfinite_message", "ns_schedule", "orthogonalize", "peer_schedule", "plan",
+    "reference_step", "resolve_dtype", "step_allowed", "to_matrices",
 ]
