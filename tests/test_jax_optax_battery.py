@@ -178,3 +178,25 @@ def test_schedule_passed_directly_as_lr():
 def test_complex_parameters():
     params = {"w": jnp.ones((4, 6), jnp.complex64)}
     muon_jax.muon(CONFIG).init(params)
+
+
+def test_partial_adamw_override_keeps_the_other_adamw_fields():
+    # An `adamw` mapping in the overrides used to replace the whole AdamWConfig with defaults.
+    from muon_jax._hyper import resolve
+
+    base = MuonConfig(adamw={"lr": 1e-3, "betas": (0.8, 0.9), "weight_decay": 0.0})
+    config, hyper = resolve(base, {"adamw": {"eps": 1e-6}, "adamw_lr": 2e-3})
+    assert config.adamw.betas == (0.8, 0.9) and config.adamw.weight_decay == 0.0
+    assert config.adamw.eps == 1e-6 and hyper.adamw_lr == config.adamw.lr == 2e-3
+
+
+def test_docs_inject_hyperparams_example_runs():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "jax.md").read_text(encoding="utf-8")
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S)
+                 if "inject_hyperparams" in b)
+    namespace: dict = {}
+    exec(compile(block, "docs/jax.md", "exec"), namespace)
+    assert float(namespace["state"].hyperparams["lr"]) == pytest.approx(0.01)
