@@ -20,7 +20,7 @@ from muon_core import (
 )
 from muon_jax._checks import check_leaves, check_params, check_state
 from muon_jax._hyper import has_decay, resolve, with_override_keywords
-from muon_jax._nonfinite import NonfiniteRecord, finite_gate, fresh_record
+from muon_jax._nonfinite import NonfiniteRecord, finite_gate, fresh_record, select
 from muon_jax._ns import ns_dtype, orthogonalize_batch
 from muon_jax._plan import algorithm_labels, flatten, plan_leaves
 from muon_jax._sharding import explicit_sharding, resharded, whole
@@ -164,8 +164,7 @@ def _guarded(inner: optax.GradientTransformation, policy: str,
                                               **extra_args)
         out = [jnp.where(ok, u, jnp.zeros_like(u)).astype(t)
                for u, t in zip(treedef.flatten_up_to(new_updates), targets)]
-        kept = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_inner, state.inner_state)
-        return treedef.unflatten(out), MuonState(kept, record)
+        return treedef.unflatten(out), MuonState(select(ok, new_inner, state.inner_state), record)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
