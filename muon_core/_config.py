@@ -47,6 +47,15 @@ def _unknown_keys(cls: type, data: Mapping[str, Any]) -> None:
         raise ValueError(f"unknown {cls.__name__} key(s) {unknown}: allowed keys are {allowed}")
 
 
+def check_fields(cls: type, overrides: Mapping[str, Any], where: str) -> None:
+    """Refuse keys that are not fields of the dataclass `cls`, naming the allowed ones."""
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(overrides) - set(allowed))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}: expected {cls.__name__} fields "
+                         f"{allowed}")
+
+
 def _as_int_tuple(key: str, value: Any) -> tuple[int, ...] | None:
     if value is None:
         return None
@@ -82,6 +91,12 @@ class AdamWConfig:
         """Build from a mapping, rejecting unknown keys."""
         _unknown_keys(cls, data)
         return cls(**data)
+
+    def with_overrides(self, overrides: Mapping[str, Any],
+                       where: str = "adamw overrides") -> AdamWConfig:
+        """A copy with the given fields replaced; the others keep their values."""
+        check_fields(AdamWConfig, overrides, where)
+        return dataclasses.replace(self, **overrides)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,3 +262,17 @@ class MuonConfig:
     def replace(self, **changes: Any) -> MuonConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+    def with_overrides(self, overrides: Mapping[str, Any], where: str = "overrides") -> MuonConfig:
+        """A copy with MuonConfig fields replaced, as every backend merges user overrides.
+
+        `adamw` may be a partial mapping: the AdamW fields it does not name keep their values
+        (`replace(adamw={...})` would reset them to the defaults). `where` starts the error
+        message for an unknown key.
+        """
+        check_fields(MuonConfig, overrides, where)
+        overrides = dict(overrides)
+        if isinstance(overrides.get("adamw"), Mapping):
+            overrides["adamw"] = self.adamw.with_overrides(overrides["adamw"],
+                                                           f"{where}['adamw']")
+        return self.replace(**overrides)

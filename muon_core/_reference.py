@@ -7,12 +7,12 @@ clarity over speed and never modifies its inputs.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from array_api_compat import array_namespace
 
-from muon_core._config import MuonConfig
+from muon_core._config import MOMENTUM_KINDS, NONFINITE_POLICIES, MuonConfig
 from muon_core._ns import _newton_schulz, ns_schedule, resolve_dtype
 from muon_core._plan import ParamPlan, Plan, plan as make_plan
 
@@ -62,17 +62,53 @@ def init_state(params: Mapping[str, Any], plan: Plan) -> State:
     return state
 
 
-def momentum_update(grad: Any, buf: Any, config: MuonConfig) -> tuple[Any, Any]:
+def momentum_coefficients(beta: Any, kind: str) -> tuple[Any, Any]:
+    """`(a, b)` of the momentum step `m <- a m + b g`: EMA `(beta, 1 - beta)`, sum `(beta, 1)`.
+
+    `beta` may be any scalar (a traced array under jit). Nesterov's look-ahead direction is
+    `b g + a m` with the new `m`.
+    """
+    if kind not in MOMENTUM_KINDS:
+        raise ValueError(f"momentum_kind={kind!r} is invalid: expected one of {list(MOMENTUM_KINDS)}")
+    return beta, (1.0 - beta if kind == "ema" else 1.0)
+
+
+def momentum_update(grad: Any, buf: Any, beta: Any, kind: str,
+                    nesterov: bool) -> tuple[Any, Any]:
     """Return (direction to orthogonalize, new momentum buffer).
 
     EMA: `m = beta m + (1 - beta) g`; sum: `m = beta m + g`. Nesterov looks one step ahead:
-    EMA `u = (1 - beta) g + beta m`, sum `u = g + beta m`; without it `u = m`.
+    EMA `u = (1 - beta) g + beta m`, sum `u = g + beta m`; without it `u = m`. The arithmetic
+    runs in the wider of the two dtypes; the buffer keeps its dtype and the direction the
+    gradient's, so low-precision gradients never round a wider buffer.
     """
-    beta = config.momentum
-    g_weight = 1.0 - beta if config.momentum_kind == "ema" else 1.0
-    new_buf = beta * buf + g_weight * grad
-    direction = g_weight * grad + beta * new_buf if config.nesterov else new_buf
-    return direction, new_buf
+    xp = array_namespace(grad, buf)
+    a, b = momentum_coefficients(beta, kind)
+    wide = xp.astype(grad, xp.result_type(grad, buf))
+    new_buf = xp.astype(a * buf + b * wide, buf.dtype)
+    direction = b * wide + a * new_buf if nesterov else new_buf
+    return xp.astype(direction, grad.dtype), new_buf
+
+
+def decay_factor(lr: Any, weight_decay: Any) -> Any:
+    """The decoupled weight decay's factor: `p <- p * (1 - lr * wd)` before the step."""
+    return 1.0 - lr * weight_decay
+
+
+def step_allowed(bad: Sequence[str], shapes: Mapping[str, Any], policy: str) -> bool:
+    """The NaN/Inf decision of every backend, given the names whose gradient is not finite.
+
+    True when there are none; otherwise policy "raise" raises FloatingPointError naming them
+    and "skip" returns False (the whole step is skipped: nothing changes).
+    """
+    if not bad:
+        return True
+    if policy == "raise":
+        raise FloatingPointError(nonfinite_message(list(bad), shapes))
+    if policy != "skip":
+        raise ValueError(f"nonfinite={policy!r} is invalid: expected one of "
+                         f"{list(NONFINITE_POLICIES)}")
+    return False
 
 
 def to_matrices(x: Any, entry: ParamPlan, *, xp: Any = None) -> Any:
@@ -100,9 +136,10 @@ def muon_update(direction: Any, entry: ParamPlan, config: MuonConfig) -> Any:
 
 
 def _muon_param(p: Any, g: Any, st: dict, entry: ParamPlan, config: MuonConfig):
-    direction, buf = momentum_update(g, st["momentum_buffer"], config)
+    direction, buf = momentum_update(g, st["momentum_buffer"], config.momentum,
+                                     config.momentum_kind, config.nesterov)
     update = muon_update(direction, entry, config)
-    new_p = p * (1.0 - config.lr * config.weight_decay) - config.lr * update
+    new_p = p * decay_factor(config.lr, config.weight_decay) - config.lr * update
     return new_p, {"momentum_buffer": buf}
 
 
@@ -115,7 +152,7 @@ def _adamw_param(p: Any, g: Any, st: dict, config: MuonConfig):
     exp_avg_sq = beta2 * st["exp_avg_sq"] + (1.0 - beta2) * (g * g)
     step_size = hp.lr / (1.0 - beta1**step)
     denom = xp.sqrt(exp_avg_sq) / math.sqrt(1.0 - beta2**step) + hp.eps
-    new_p = p * (1.0 - hp.lr * hp.weight_decay) - step_size * (exp_avg / denom)
+    new_p = p * decay_factor(hp.lr, hp.weight_decay) - step_size * (exp_avg / denom)
     return new_p, {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
 
 
@@ -130,9 +167,7 @@ def reference_step(params: Mapping[str, Any], grads: Mapping[str, Any], state: S
     """
     plan = plan or make_plan({n: tuple(p.shape) for n, p in params.items()}, config)
     bad = check_gradients(params, grads)
-    if bad and config.nonfinite == "raise":
-        raise FloatingPointError(nonfinite_message(bad, {n: params[n].shape for n in bad}))
-    if bad:
+    if not step_allowed(bad, {n: params[n].shape for n in bad}, config.nonfinite):
         return dict(params), dict(state or {})
     state = dict(state or {})
     state |= init_state(params, Plan(tuple(e for e in plan if e.name not in state), plan.config))

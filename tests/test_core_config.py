@@ -94,3 +94,17 @@ def test_moonlight_preset_shares_one_lr_and_decay_with_adamw():
     cfg = MuonConfig.moonlight(lr=2e-4, weight_decay=0.05)
     assert cfg.lr_scaling == "match_rms_adamw"
     assert (cfg.lr, cfg.weight_decay) == (cfg.adamw.lr, cfg.adamw.weight_decay) == (2e-4, 0.05)
+
+
+def test_with_overrides_keeps_adamw_fields_it_does_not_name():
+    base = MuonConfig(adamw={"lr": 1e-3, "betas": (0.8, 0.9), "weight_decay": 0.0})
+    merged = base.with_overrides({"lr": 0.05, "adamw": {"eps": 1e-6}})
+    assert merged.lr == 0.05
+    assert merged.adamw == AdamWConfig(lr=1e-3, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.0)
+
+
+def test_with_overrides_names_the_unknown_key_and_where():
+    with pytest.raises(ValueError, match=r"group 2\['adamw'\]: unknown key\(s\) \['beta'\]"):
+        MuonConfig().with_overrides({"adamw": {"beta": 0.9}}, "group 2")
+    with pytest.raises(ValueError, match=r"Muon: unknown key\(s\) \['lrr'\]"):
+        MuonConfig().with_overrides({"lrr": 0.1}, "Muon")

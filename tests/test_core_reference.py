@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+import muon_core
 from muon_core import MuonConfig, Rule, ns_schedule, plan, reference_step
 
 
@@ -197,3 +198,23 @@ def test_gradient_shape_and_name_errors():
         reference_step(params, {"w": np.zeros((4, 3))}, None, MuonConfig())
     with pytest.raises(KeyError, match="gradient for 'v' has no matching parameter"):
         reference_step(params, {"v": np.zeros((3, 4))}, None, MuonConfig())
+
+
+def test_momentum_update_keeps_a_wider_buffer_unrounded():
+    # float32 buffer, float16 gradient: the buffer is computed in float32 (0.95 * 1 + 0.05 * g
+    # written out in float64 and rounded once), the direction comes back in float16.
+    grad = np.array([1e-3], np.float16)
+    buf = np.array([1.0], np.float32)
+    direction, new_buf = muon_core.momentum_update(grad, buf, 0.95, "ema", False)
+    assert new_buf.dtype == np.float32 and direction.dtype == np.float16
+    expected = np.float32(0.95 * 1.0 + 0.05 * float(grad[0]))
+    np.testing.assert_allclose(new_buf, expected, rtol=1e-7)
+
+
+def test_step_allowed_raises_skips_or_refuses_an_unknown_policy():
+    assert muon_core.step_allowed([], {}, "raise")
+    assert not muon_core.step_allowed(["w"], {"w": (2, 3)}, "skip")
+    with pytest.raises(FloatingPointError, match=r"'w' \(2x3\)"):
+        muon_core.step_allowed(["w"], {"w": (2, 3)}, "raise")
+    with pytest.raises(ValueError, match=r"nonfinite='ignore' is invalid"):
+        muon_core.step_allowed(["w"], {"w": (2, 3)}, "ignore")

@@ -13,7 +13,8 @@ import numpy as np
 import optax
 from muon_core import MuonConfig
 
-from muon_jax._transform import muon, plan_for
+from muon_jax._plan import plan_for
+from muon_jax._transform import muon
 
 PEER = "optax.contrib.muon"
 # Choices optax.contrib.muon has (EMA momentum, NS in the parameters' dtype, whole matrices,

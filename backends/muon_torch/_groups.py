@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from muon_core import AdamWConfig, MuonConfig
+from muon_core import MuonConfig
 
 NAME_KEYS = ("names", "param_names")
 # Muon hyper-parameters kept in a torch param group (read at every step, so they can change);
@@ -26,30 +26,6 @@ class UserGroup:
     params: tuple[torch.Tensor, ...]
     algorithm: str | None
     config: MuonConfig
-
-
-def _check_fields(cls: type, overrides: Mapping[str, Any], where: str) -> None:
-    """Refuse keys that are not fields of the dataclass `cls`, naming the allowed ones."""
-    allowed = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(overrides) - set(allowed))
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}: expected {cls.__name__} fields "
-                         f"{allowed}")
-
-
-def with_overrides(config: MuonConfig, overrides: Mapping[str, Any], where: str) -> MuonConfig:
-    """`config` with MuonConfig fields replaced; `adamw` may be a partial mapping."""
-    _check_fields(MuonConfig, overrides, where)
-    overrides = dict(overrides)
-    if isinstance(overrides.get("adamw"), Mapping):
-        overrides["adamw"] = adamw_with(config.adamw, overrides["adamw"], f"{where}['adamw']")
-    return config.replace(**overrides)
-
-
-def adamw_with(adamw: AdamWConfig, overrides: Mapping[str, Any], where: str) -> AdamWConfig:
-    """`adamw` with some AdamWConfig fields replaced."""
-    _check_fields(AdamWConfig, overrides, where)
-    return dataclasses.replace(adamw, **overrides)
 
 
 def _split_named(items: list[Any], first_index: int, where: str):
@@ -103,9 +79,9 @@ def parse_group(group: Mapping[str, Any], config: MuonConfig, first_index: int,
         raise ValueError(f"{where}: {fixed} apply to the whole optimizer: pass them to Muon(...), "
                          "not in a param group")
     if algorithm == "adamw":
-        config = config.replace(adamw=adamw_with(config.adamw, keys, where))
+        config = config.replace(adamw=config.adamw.with_overrides(keys, where))
     else:
-        config = with_overrides(config, keys, where)
+        config = config.with_overrides(keys, where)
     return UserGroup(names, tensors, algorithm, config)
 
 

@@ -12,8 +12,7 @@ from torch import nn
 from torch.optim.adamw import adamw as adamw_functional
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
-from muon_torch._groups import (adamw_hyperparameters, muon_hyperparameters, parse_group,
-                                with_overrides)
+from muon_torch._groups import adamw_hyperparameters, muon_hyperparameters, parse_group
 from muon_torch._model import module_kinds, sparse_parameters
 from muon_torch._newton_schulz import newton_schulz
 from muon_torch._qk_clip import qk_clip as _qk_clip
@@ -61,13 +60,13 @@ def _ns_settings(group: Mapping[str, Any]) -> tuple[torch.dtype, muon_core.NSSch
 
 def _update_momentum(grads: list[torch.Tensor], bufs: list[torch.Tensor],
                      group: Mapping[str, Any]) -> None:
-    """EMA: `m = beta m + (1 - beta) g`; sum: `m = beta m + g` (in place)."""
-    beta = group["momentum"]
+    """`m = a m + b g` in place, `(a, b)` from `muon_core.momentum_coefficients` (EMA as a lerp)."""
+    a, b = muon_core.momentum_coefficients(group["momentum"], group["momentum_kind"])
     if group["momentum_kind"] == "ema":
-        torch._foreach_lerp_(bufs, grads, 1.0 - beta)
+        torch._foreach_lerp_(bufs, grads, b)
     else:
-        torch._foreach_mul_(bufs, beta)
-        torch._foreach_add_(bufs, grads)
+        torch._foreach_mul_(bufs, a)
+        torch._foreach_add_(bufs, grads, alpha=b)
 
 
 def _to_matrices(x: torch.Tensor, entry: ParamPlan) -> torch.Tensor:
@@ -119,7 +118,7 @@ class Muon(torch.optim.Optimizer):
         config = MuonConfig() if config is None else config
         if not isinstance(config, MuonConfig):
             raise TypeError(f"config must be a MuonConfig, got {type(config).__name__}")
-        self.config = with_overrides(config, overrides, "Muon")
+        self.config = config.with_overrides(overrides, "Muon")
         self._module_kinds = dict(module_kinds or {})
         # Every parameter's plan entry, in the order the groups were added (the plan's order).
         self._entries: dict[torch.Tensor, ParamPlan] = {}
@@ -235,14 +234,9 @@ class Muon(torch.optim.Optimizer):
                 entry = self._entries[p]
                 raise ValueError(f"parameter {entry.name!r} with shape {entry.shape} has a sparse "
                                  "gradient: expected dense gradients; nothing was updated")
-        bad = _nonfinite_gradients(params)
-        if not bad:
-            return True
-        if self.config.nonfinite == "skip":
-            return False
-        names = [self._entries[p].name for p in bad]
-        shapes = {self._entries[p].name: self._entries[p].shape for p in bad}
-        raise FloatingPointError(muon_core.nonfinite_message(names, shapes))
+        bad = [self._entries[p] for p in _nonfinite_gradients(params)]
+        return muon_core.step_allowed([e.name for e in bad], {e.name: e.shape for e in bad},
+                                      self.config.nonfinite)
 
     def _muon_step(self, work: list[tuple]) -> None:
         """Momentum per group, then one Newton-Schulz call per (device, block shape, settings)."""

@@ -283,13 +283,17 @@ class JaxAdapter:
         return _numpy_copies(handle.params)
 
     def state(self, handle: JaxHandle) -> dict[str, dict[str, Any]]:
-        """`MuonState` in the reference's format (one AdamW `count` shared by every leaf)."""
+        """`MuonState` in the reference's format: its trees are shaped like the parameter dict,
+        with an array at the leaves of their half and an empty node elsewhere; one AdamW
+        `count` is shared by every AdamW leaf."""
         st = handle.state
         out: dict[str, dict[str, Any]] = {
-            name: {"momentum_buffer": np.array(buf)} for name, buf in st.momentum_buffer.items()}
-        for name in st.mu:
-            out[name] = {"step": int(st.count), "exp_avg": np.array(st.mu[name]),
-                         "exp_avg_sq": np.array(st.nu[name])}
+            name: {"momentum_buffer": np.array(buf)}
+            for name, buf in st.momentum_buffer.items() if hasattr(buf, "shape")}
+        for name, mu in st.mu.items():
+            if hasattr(mu, "shape"):
+                out[name] = {"step": int(st.count), "exp_avg": np.array(mu),
+                             "exp_avg_sq": np.array(st.nu[name])}
         return out
 
     def save(self, handle: JaxHandle) -> Any:
