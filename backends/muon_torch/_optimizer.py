@@ -70,7 +70,7 @@ def _update_momentum(grads: list[torch.Tensor], bufs: list[torch.Tensor],
 
 
 def _to_matrices(x: torch.Tensor, entry: ParamPlan) -> torch.Tensor:
-    return x.permute(entry.perm).reshape(entry.matrix_shape)
+    return x.view(entry.view_shape).permute(entry.perm).reshape(entry.matrix_shape)
 
 
 def _write_direction(out: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor, entry: ParamPlan,
@@ -91,7 +91,7 @@ def _write_direction(out: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor, e
 def _add_block(param: torch.Tensor, entry: ParamPlan, rows: slice, update: torch.Tensor,
                alpha: float) -> None:
     """`param += alpha * update` on the block `rows` of the parameter's matrix view."""
-    view = param.permute(entry.perm)
+    view = param.view(entry.view_shape).permute(entry.perm)
     if view.is_contiguous():
         view.view(entry.matrix_shape)[:, rows].add_(update, alpha=alpha)
         return

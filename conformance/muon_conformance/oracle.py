@@ -23,7 +23,8 @@ STANDARD_SHAPES: dict[str, tuple[int, ...]] = {
     "square.weight": (24, 24),
     "experts.weight": (3, 12, 20),      # batched: one matrix per expert (rule below)
     "conv.weight": (8, 4, 3, 3),        # flattened to 8 x 36
-    "attn.qkv.weight": (36, 20),        # fused QKV: three 12 x 20 blocks
+    "attn.qkv.weight": (60, 20),        # fused QKV: three 20 x 20 blocks
+    "attn.neox.weight": (24, 10),       # per-head interleaved QKV: 2 groups [q, k, v] (rule)
     "attn.gqa.weight": (32, 24),        # grouped-query QKV: blocks 16 + 8 + 8 (rule below)
     "tall.bias": (48,),
     "norm.weight": (16,),
@@ -34,6 +35,7 @@ STANDARD_SHAPES: dict[str, tuple[int, ...]] = {
 STANDARD_RULES = (
     Rule(match="experts.*", out_axes=(1,), in_axes=(2,)),
     Rule(match="*.gqa.*", split=(16, 8, 8)),
+    Rule(match="*.neox.*", split=(8, 8, 8), groups=2),
 )
 
 

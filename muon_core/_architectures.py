@@ -1,0 +1,140 @@
+"""What the plan knows about common architectures, from parameter names and shapes alone.
+
+Names are read component by component (`"model.layers.0.self_attn.qkv_proj.weight"` ->
+`["layers", "0", "self_attn", "qkv_proj", "weight"]`, wrapper prefixes dropped), so a known
+name counts wherever it sits in the path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+# Leading path components added by wrappers (DDP, torch.compile, FSDP, flax variables).
+WRAPPER_PREFIXES = ("module", "_orig_mod", "model", "params", "_fsdp_wrapped_module")
+
+# Embedding tables and learned positions: exact components, and common prefixes/suffixes.
+EMBEDDING_NAMES = frozenset({
+    "emb", "embed", "embeds", "embedding", "embeddings", "embed_tokens", "embed_positions",
+    "wte", "wpe", "tok_embeddings", "token_embedding", "pos_embedding", "pos_embed",
+    "position_embeddings", "position_embedding", "word_embeddings", "token_type_embeddings",
+    "relative_attention_bias"})
+EMBEDDING_SUFFIXES = ("_emb", "_embed", "_embeds", "_embedding", "_embeddings")
+# Learned tokens (ViT `cls_token`, `mask_token`, `register_tokens`): vectors, not layers.
+TOKEN_SUFFIXES = ("_token", "_tokens")
+# State-space parameters (Mamba `A_log`): not the weight of a linear map.
+STATE_SPACE_NAMES = frozenset({"A_log"})
+# Output heads: the projection whose output is the logits (or the final embedding, CLIP).
+HEAD_NAMES = frozenset({"lm_head", "head", "classifier", "score", "fc_out", "output_projection",
+                        "output_layer", "qa_outputs", "visual_projection", "text_projection"})
+# LLaMA's original checkpoints call the head `output`; elsewhere (BERT) `output` is hidden.
+FIRST_COMPONENT_HEADS = frozenset({"output"})
+
+# Fused Q/K/V projections, by the name of the module (or torch parameter) that holds them:
+#   "contiguous": rows [Q | K | V] (GPT-2 c_attn, timm/minGPT qkv, MPT Wqkv, Phi-3 qkv_proj,
+#                 torch nn.MultiheadAttention in_proj_weight);
+#   "grouped":    rows stored per key/value head, each group [q heads of the group, k, v]
+#                 (GPT-NeoX, BLOOM and Falcon query_key_value, InternLM2 wqkv).
+FUSED_QKV = {"c_attn": "contiguous", "qkv": "contiguous", "Wqkv": "contiguous",
+             "qkv_proj": "contiguous", "in_proj_weight": "contiguous",
+             "query_key_value": "grouped", "wqkv": "grouped"}
+# Hugging Face GPT-2's Conv1D modules store their weight (in, out).
+GPT2_CONV1D_NAMES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
+
+
+def components(name: str) -> list[str]:
+    """The path components of a parameter name, wrapper prefixes dropped."""
+    parts = [p for p in name.replace("/", ".").replace("[", ".").replace("]", "").split(".") if p]
+    while len(parts) > 1 and parts[0] in WRAPPER_PREFIXES:
+        parts = parts[1:]
+    return parts
+
+
+def _is_embedding(part: str) -> bool:
+    return (part in EMBEDDING_NAMES or part.startswith("embed")
+            or part.endswith(EMBEDDING_SUFFIXES))
+
+
+def name_kind(name: str) -> tuple[str, str] | None:
+    """`(kind, why)` when the name alone says the tensor is not a hidden matrix, else None.
+
+    kind is "embedding" (tables, learned positions and tokens), "head" (output projections)
+    or "other" (state-space parameters).
+    """
+    parts = components(name)
+    modules = parts[:-1] or parts
+    for part in parts:
+        if _is_embedding(part):
+            return "embedding", f"embedding by name ({part!r})"
+        if part.endswith(TOKEN_SUFFIXES):
+            return "embedding", f"learned token by name ({part!r})"
+        if part in STATE_SPACE_NAMES:
+            return "other", f"state-space parameter by name ({part!r})"
+    for part in modules:
+        if part in HEAD_NAMES:
+            return "head", f"output head by name ({part!r})"
+    if modules[0] in FIRST_COMPONENT_HEADS:
+        return "head", f"output head by name ({modules[0]!r})"
+    return None
+
+
+def qkv_kind(name: str) -> str | None:
+    """"contiguous" or "grouped" when the name is a known fused Q/K/V projection, else None."""
+    parts = components(name)
+    owner = parts[-1] if parts[-1] == "in_proj_weight" else (parts[-2] if len(parts) > 1 else "")
+    return FUSED_QKV.get(owner)
+
+
+def fused_qkv_blocks(kind: str, rows: int, cols: int,
+                     heads: tuple[int, int] | None) -> tuple[tuple[int, ...], int] | None:
+    """`(blocks, groups)` of a fused projection with `rows` outputs, or None when unknown.
+
+    `heads` is (query heads, key/value heads) when the model says so. Without it only an
+    equal-thirds contiguous layout whose Q is square (rows = 3 * cols) is certain.
+    """
+    if heads is not None:
+        n_q, n_kv = heads
+        head_dim, rest = divmod(rows, n_q + 2 * n_kv)
+        if rest or n_q % n_kv:
+            return None
+        return (n_q * head_dim, n_kv * head_dim, n_kv * head_dim), (n_kv if kind == "grouped"
+                                                                    else 1)
+    if kind == "contiguous" and rows == 3 * cols:
+        return (cols,) * 3, 1
+    return None
+
+
+def qkv_rule_hint(name: str, kind: str, rows: int) -> str:
+    """The rule to write when a fused projection's sizes are unknown."""
+    groups = ", groups = <number of key/value heads>" if kind == "grouped" else ""
+    return (f"fused Q/K/V left whole (sizes unknown, {rows} rows): to split it add "
+            f"[[muon.rules]] match = {name!r}, split = [<q rows>, <k rows>, <v rows>]{groups}")
+
+
+def gpt2_conv1d_names(shapes: Mapping[str, Sequence[int]]) -> set[str]:
+    """Weights stored (in, out) by Hugging Face GPT-2's Conv1D, recognised from names and shapes.
+
+    nanoGPT uses the same names with `nn.Linear` (out, in); the two are told apart by c_attn,
+    whose output is three times its input: (d, 3d) is Conv1D.
+    """
+    conv1d = any(components(n)[-2:-1] == ["c_attn"] and len(s) == 2 and s[1] == 3 * s[0]
+                 for n, s in shapes.items() if components(n)[-1] == "weight")
+    if not conv1d:
+        return set()
+    return {n for n, s in shapes.items() if len(s) == 2 and components(n)[-1] == "weight"
+            and components(n)[-2:-1] and components(n)[-2] in GPT2_CONV1D_NAMES}
+
+
+def grouped_view(shape: tuple[int, ...], out_axis: int, blocks: tuple[int, ...],
+                 groups: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(view shape, output axes in the view) that make interleaved blocks contiguous.
+
+    The output axis holds `groups` groups, each with `block / groups` rows of every block; it
+    is viewed as (groups, slots, slot) with `slot` the largest size dividing every share, and
+    the slots axis is put first, so rows come block by block (rows within a block are only
+    reordered, which orthogonalization commutes with).
+    """
+    shares = [b // groups for b in blocks]
+    slot = math.gcd(*shares)
+    view = shape[:out_axis] + (groups, sum(shares) // slot, slot) + shape[out_axis + 1:]
+    return view, (out_axis + 1, out_axis, out_axis + 2)
