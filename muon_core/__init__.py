@@ -4,6 +4,7 @@ Imports only the standard library and array-api-compat: config, routing plan, Ne
 on any Array API array, and the reference step every backend is checked against.
 """
 
+from muon_core._architectures import name_kind, qkv_kind
 from muon_core._config import AdamWConfig, MuonConfig, Rule
 from muon_core._ns import NSSchedule, ns_schedule, orthogonalize, resolve_dtype
 from muon_core._plan import ParamPlan, Plan, lr_scale, plan
@@ -26,7 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdamWConfig", "MuonConfig", "NSSchedule", "ParamPlan", "Plan", "Rule", "available_backends",
     "check_gradients", "from_matrices", "gpt2_shapes", "init_state", "interleaved_times",
-    "load_backend", "lr_scale", "momentum_update", "muon_update", "nonfinite_message",
-    "ns_schedule", "orthogonalize", "peer_schedule", "plan", "reference_step", "resolve_dtype",
-    "to_matrices",
+    "load_backend", "lr_scale", "momentum_update", "muon_update", "name_kind", "nonfinite_message",
+    "ns_schedule", "orthogonalize", "peer_schedule", "plan", "qkv_kind", "reference_step",
+    "resolve_dtype", "to_matrices",
 ]

@@ -27,8 +27,10 @@ STATE_SPACE_NAMES = frozenset({"A_log"})
 # Output heads: the projection whose output is the logits (or the final embedding, CLIP).
 HEAD_NAMES = frozenset({"lm_head", "head", "classifier", "score", "fc_out", "output_projection",
                         "output_layer", "qa_outputs", "visual_projection", "text_projection"})
-# LLaMA's original checkpoints call the head `output`; elsewhere (BERT) `output` is hidden.
+# Names that count only as the first component: LLaMA's original checkpoints call the head
+# `output` (in BERT `output` is a hidden block); T5 calls its token table `shared`.
 FIRST_COMPONENT_HEADS = frozenset({"output"})
+FIRST_COMPONENT_EMBEDDINGS = frozenset({"shared"})
 
 # Fused Q/K/V projections, by the name of the module (or torch parameter) that holds them:
 #   "contiguous": rows [Q | K | V] (GPT-2 c_attn, timm/minGPT qkv, MPT Wqkv, Phi-3 qkv_proj,
@@ -63,6 +65,8 @@ def name_kind(name: str) -> tuple[str, str] | None:
     """
     parts = components(name)
     modules = parts[:-1] or parts
+    if modules[0] in FIRST_COMPONENT_EMBEDDINGS:
+        return "embedding", f"embedding by name ({modules[0]!r})"
     for part in parts:
         if _is_embedding(part):
             return "embedding", f"embedding by name ({part!r})"
@@ -138,3 +142,54 @@ def grouped_view(shape: tuple[int, ...], out_axis: int, blocks: tuple[int, ...],
     slot = math.gcd(*shares)
     view = shape[:out_axis] + (groups, sum(shares) // slot, slot) + shape[out_axis + 1:]
     return view, (out_axis + 1, out_axis, out_axis + 2)
+
+
+def _parent(name: str) -> str:
+    return name.rpartition(".")[0]
+
+
+def moe_routers(shapes: Mapping[str, Sequence[int]]) -> dict[str, str]:
+    """Router weights of mixture-of-experts layers: a 2-D `gate`/`router` weight next to an
+    `experts` module (Mixtral, DeepSeek-V3, Qwen-MoE); its output is the logits over experts.
+    Returns name -> why."""
+    found = {}
+    for name, shape in shapes.items():
+        parts = components(name)
+        owner = parts[-2] if parts[-1] == "weight" and len(parts) > 1 else parts[-1]
+        block = _parent(_parent(name)) if parts[-1] == "weight" else _parent(name)
+        if len(shape) == 2 and owner in ("gate", "router") and any(
+                n.startswith(f"{block}.experts.") for n in shapes):
+            found[name] = f"mixture-of-experts router by name ({owner!r})"
+    return found
+
+
+def expert_layouts(shapes: Mapping[str, Sequence[int]], layout: str) -> dict[str, str]:
+    """Layout of each 3-D expert tensor (experts, out, in) or (experts, in, out), axis 0 being
+    the experts. Read from the pair gate_up_proj (2 * intermediate outputs) and down_proj
+    when both are there, else the model's layout."""
+    found = {}
+    for name, shape in shapes.items():
+        parts = components(name)
+        if len(shape) != 3 or "experts" not in parts[:-1]:
+            continue
+        found[name] = layout
+        base = _parent(name)
+        up, down = shapes.get(base + ".gate_up_proj"), shapes.get(base + ".down_proj")
+        if up is not None and down is not None and len(up) == len(down) == 3:
+            if up[1] == 2 * down[2] and up[2] == down[1]:
+                found[name] = "out_in"
+            elif up[2] == 2 * down[1] and up[1] == down[2]:
+                found[name] = "in_out"
+    return found
+
+
+def gate_up_split(name: str, rows: int, layout: str) -> tuple[tuple[int, ...] | None, str]:
+    """(blocks, note or flag) of a fused expert gate/up projection."""
+    if components(name)[-1] != "gate_up_proj" or rows % 2:
+        return None, ""
+    if layout == "out_in":
+        return (rows // 2, rows // 2), "fused gate/up, contiguous halves"
+    return None, ("fused gate/up stored (in, out) left whole: Llama 4 keeps the halves "
+                  "contiguous, GPT-OSS interleaves them; to split add [[muon.rules]] "
+                  f"match = {name!r}, split = [{rows // 2}, {rows // 2}] (and groups = "
+                  f"{rows // 2} if interleaved)")

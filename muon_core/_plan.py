@@ -96,11 +96,14 @@ class ParamPlan:
 
 @dataclasses.dataclass(frozen=True)
 class _Hints:
-    """What a backend saw for one parameter: module kind, layout, (query, key/value) heads."""
+    """What is known of one parameter: module kind, layout and (query, key/value) heads from
+    the backend; from the whole model's names, a router's reason and an expert tensor's layout."""
 
     kind: str | None = None
     layout: str | None = None
     heads: tuple[int, int] | None = None
+    router: str | None = None
+    experts: str | None = None
 
 
 def _rule_applies(rule: Rule, name: str, shape: tuple[int, ...]) -> bool:
@@ -128,9 +131,11 @@ def _default_axes(ndim: int, layout: str) -> tuple[tuple[int, ...], tuple[int, .
     return (ndim - 1,), tuple(range(ndim - 1))
 
 
-def _axes(name: str, shape: tuple[int, ...], rules: list[Rule],
-          layout: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def _axes(name: str, shape: tuple[int, ...], rules: list[Rule], layout: str,
+          experts: str | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
     dims = _first(rules, "out_axes")
+    if dims is None and experts is not None:
+        return ((1,), (2,)) if experts == "out_in" else ((2,), (1,))
     if dims is None:
         return _default_axes(len(shape), layout)
     out_axes = _normalise_axes(dims.out_axes, len(shape), name, "out_axes")
@@ -142,14 +147,21 @@ def _axes(name: str, shape: tuple[int, ...], rules: list[Rule],
 
 
 def _split(name: str, rows: int, cols: int, rules: list[Rule], config: MuonConfig,
-           heads: tuple[int, int] | None) -> tuple[tuple[int, ...], int, str | None, str | None]:
-    """(blocks, groups, note, flag): a rule's split, else a known fused Q/K/V layout."""
+           hints: _Hints) -> tuple[tuple[int, ...], int, str | None, str | None]:
+    """(blocks, groups, note, flag): a rule's split, else a known fused Q/K/V or gate/up
+    layout."""
     rule = _first(rules, "split")
     if rule is not None:
         if sum(rule.split) != rows:
             raise ValueError(f"parameter {name!r}: split={rule.split} sums to "
                              f"{sum(rule.split)}, expected the output size {rows}")
         return rule.split, rule.groups or 1, f"split by rule match={rule.match!r}", None
+    if hints.experts is not None and config.split_qkv:
+        blocks, text = arch.gate_up_split(name, rows, hints.experts)
+        if blocks is not None:
+            return blocks, 1, text, None
+        return (rows,), 1, None, text or None
+    heads = hints.heads
     kind = arch.qkv_kind(name) if config.split_qkv else None
     if kind is None:
         return (rows,), 1, None, None
@@ -163,13 +175,15 @@ def _split(name: str, rows: int, cols: int, rules: list[Rule], config: MuonConfi
 
 def _muon_entry(name: str, shape: tuple[int, ...], decided_by: str, why: str,
                 rules: list[Rule], config: MuonConfig, layout: str, layout_note: str | None,
-                heads: tuple[int, int] | None) -> ParamPlan:
+                hints: _Hints) -> ParamPlan:
     ndim = len(shape)
-    out_axes, in_axes = _axes(name, shape, rules, layout)
+    out_axes, in_axes = _axes(name, shape, rules, layout, hints.experts)
+    if hints.experts is not None and _first(rules, "out_axes") is None:
+        layout_note = f"one matrix per expert, stored {hints.experts}"
     batch = math.prod(shape[a] for a in range(ndim) if a not in out_axes + in_axes)
     rows = math.prod(shape[a] for a in out_axes)
     cols = math.prod(shape[a] for a in in_axes)
-    blocks, groups, split_note, flag = _split(name, rows, cols, rules, config, heads)
+    blocks, groups, split_note, flag = _split(name, rows, cols, rules, config, hints)
     view = shape
     if groups > 1:
         if len(out_axes) != 1:
@@ -206,6 +220,8 @@ def _decide(name: str, shape: tuple[int, ...], rules: list[Rule], group_algorith
         return "adamw", "shape", f"{len(shape)}-D tensor" if 0 not in shape else "empty tensor"
     if hints.kind in ("embedding", "head", "norm", "other"):
         return "adamw", "module", f"{hints.kind} module"
+    if hints.router is not None:
+        return "adamw", "name", hints.router
     if hints.kind == "hidden":
         return "muon", "module", "hidden layer module"
     by_name = arch.name_kind(name)
@@ -227,9 +243,10 @@ def _layout(name: str, rules: list[Rule], hints: _Hints, layout: str) -> tuple[s
 
 def plan_param(name: str, shape: Sequence[int], config: MuonConfig, *, layout: str = "out_in",
                group_algorithm: str | None = None, module_kind: str | None = None,
-               param_layout: str | None = None,
-               heads: tuple[int, int] | None = None) -> ParamPlan:
-    """Decide one parameter; see `plan` (`param_layout` and `heads` are its per-name hints)."""
+               param_layout: str | None = None, heads: tuple[int, int] | None = None,
+               router: str | None = None, experts: str | None = None) -> ParamPlan:
+    """Decide one parameter; see `plan` (`param_layout`, `heads`, `router` and `experts` are
+    what is known of it by name)."""
     shape = tuple(int(s) for s in shape)
     for what, value in (("layout", layout), ("param_layout", param_layout)):
         if value is not None and value not in LAYOUTS:
@@ -240,7 +257,7 @@ def plan_param(name: str, shape: Sequence[int], config: MuonConfig, *, layout: s
     if module_kind is not None and module_kind not in MODULE_KINDS:
         raise ValueError(f"parameter {name!r}: module kind {module_kind!r} is invalid: "
                          f"expected one of {list(MODULE_KINDS)}")
-    hints = _Hints(module_kind, param_layout, heads)
+    hints = _Hints(module_kind, param_layout, heads, router, experts)
     rules = [r for r in config.rules if _rule_applies(r, name, shape)]
     layout, layout_note = _layout(name, rules, hints, layout)
     algorithm, decided_by, why = _decide(name, shape, rules, group_algorithm, hints, layout)
@@ -250,7 +267,7 @@ def plan_param(name: str, shape: Sequence[int], config: MuonConfig, *, layout: s
         raise ValueError(f"parameter {name!r} with shape {shape} is routed to muon by "
                          f"{decided_by} ({why}), but Muon needs a tensor with ndim >= 2 "
                          "and no empty axis")
-    entry = _muon_entry(name, shape, decided_by, why, rules, config, layout, layout_note, heads)
+    entry = _muon_entry(name, shape, decided_by, why, rules, config, layout, layout_note, hints)
     if decided_by not in ("group", "rule") and 1 in entry.matrix_shape[1:]:
         _, rows, cols = entry.matrix_shape
         return ParamPlan(name, shape, "adamw", "shape", f"{rows}x{cols} matrix view is a vector")
@@ -348,9 +365,11 @@ def plan(shapes: Mapping[str, Sequence[int]], config: MuonConfig | None = None, 
     if layout == "out_in":
         known = arch.gpt2_conv1d_names(shapes)
         layouts = {n: "in_out" for n in known if n not in module_kinds} | layouts
+    routers, experts = arch.moe_routers(shapes), arch.expert_layouts(shapes, layout)
     entries = tuple(plan_param(name, shape, config, layout=layout,
                                group_algorithm=algorithms.get(name),
                                module_kind=module_kinds.get(name),
-                               param_layout=layouts.get(name), heads=heads.get(name))
+                               param_layout=layouts.get(name), heads=heads.get(name),
+                               router=routers.get(name), experts=experts.get(name))
                     for name, shape in shapes.items())
     return Plan(entries, config)
