@@ -45,10 +45,13 @@ GPT2_CONV1D_NAMES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
 
 
 def components(name: str) -> list[str]:
-    """The path components of a parameter name, wrapper prefixes dropped."""
+    """The path components of a parameter name, wrapper prefixes dropped (and flax nnx's
+    trailing `value`, the field of its Variable)."""
     parts = [p for p in name.replace("/", ".").replace("[", ".").replace("]", "").split(".") if p]
     while len(parts) > 1 and parts[0] in WRAPPER_PREFIXES:
         parts = parts[1:]
+    if len(parts) > 2 and parts[-1] == "value":
+        parts = parts[:-1]
     return parts
 
 
@@ -61,10 +64,12 @@ def name_kind(name: str) -> tuple[str, str] | None:
     """`(kind, why)` when the name alone says the tensor is not a hidden matrix, else None.
 
     kind is "embedding" (tables, learned positions and tokens), "head" (output projections)
-    or "other" (state-space parameters).
+    or "other" (biases of any shape, state-space parameters).
     """
     parts = components(name)
     modules = parts[:-1] or parts
+    if parts[-1] == "bias":  # flax attention biases are (heads, head_dim)
+        return "other", "bias by name"
     if modules[0] in FIRST_COMPONENT_EMBEDDINGS:
         return "embedding", f"embedding by name ({modules[0]!r})"
     for part in parts:
@@ -193,3 +198,18 @@ def gate_up_split(name: str, rows: int, layout: str) -> tuple[tuple[int, ...] | 
                   "contiguous, GPT-OSS interleaves them; to split add [[muon.rules]] "
                   f"match = {name!r}, split = [{rows // 2}, {rows // 2}] (and groups = "
                   f"{rows // 2} if interleaved)")
+
+
+# flax's attention projections (DenseGeneral) keep heads as an axis: query/key/value kernels
+# are (in, heads, head_dim); `out` is (heads, head_dim, out), which the in_out layout reads.
+PER_HEAD_INPUTS = frozenset({"query", "key", "value"})
+
+
+def per_head_axes(name: str, shape: Sequence[int],
+                  layout: str) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """(out_axes, in_axes) of a flax per-head query/key/value kernel, else None."""
+    parts = components(name)
+    if layout == "in_out" and len(shape) == 3 and len(parts) > 1 and \
+            parts[-2] in PER_HEAD_INPUTS and parts[-1] == "kernel":
+        return (1, 2), (0,)
+    return None

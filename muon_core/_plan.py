@@ -137,7 +137,7 @@ def _axes(name: str, shape: tuple[int, ...], rules: list[Rule], layout: str,
     if dims is None and experts is not None:
         return ((1,), (2,)) if experts == "out_in" else ((2,), (1,))
     if dims is None:
-        return _default_axes(len(shape), layout)
+        return arch.per_head_axes(name, shape, layout) or _default_axes(len(shape), layout)
     out_axes = _normalise_axes(dims.out_axes, len(shape), name, "out_axes")
     in_axes = _normalise_axes(dims.in_axes, len(shape), name, "in_axes")
     if set(out_axes) & set(in_axes):

@@ -96,3 +96,86 @@ def describe(entry: Any) -> dict[str, Any]:
     if entry.groups > 1:
         out["groups"] = entry.groups
     return out
+
+
+def _zeros(tree: Any) -> Any:
+    """Zero arrays in place of the shapes of an abstract pytree (nothing is computed)."""
+    import jax
+    import numpy as np
+
+    return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), tree)
+
+
+def _abstract_init(module: Any, x: Any) -> Any:
+    """A linen module's parameters as zero arrays of the right shapes, without running it."""
+    import jax
+
+    return _zeros(jax.eval_shape(module.init, jax.random.key(0), x))
+
+
+def _linen_gpt():
+    import jax.numpy as jnp
+    from flax import linen as nn
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = x + nn.SelfAttention(num_heads=4)(nn.LayerNorm()(x))
+            return x + nn.Dense(64)(nn.gelu(nn.Dense(160)(nn.LayerNorm()(x))))
+
+    class GPT(nn.Module):
+        @nn.compact
+        def __call__(self, ids):
+            pos = self.param("pos_embedding", nn.initializers.normal(0.02), (32, 64))
+            x = nn.Embed(96, 64)(ids) + pos[: ids.shape[1]]
+            x = Block()(Block()(x))
+            return nn.Dense(96, use_bias=False)(nn.LayerNorm()(x))
+
+    return _abstract_init(GPT(), jnp.zeros((1, 8), jnp.int32))
+
+
+def _linen_mlp():
+    import jax.numpy as jnp
+    from flax import linen as nn
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for width in (64, 64, 64):
+                x = nn.relu(nn.Dense(width)(x))
+            return nn.Dense(1000)(x)
+
+    return _abstract_init(MLP(), jnp.zeros((1, 32)))
+
+
+def _nnx_gpt():
+    from flax import nnx
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.ln1, self.ln2 = nnx.LayerNorm(64, rngs=rngs), nnx.LayerNorm(64, rngs=rngs)
+            self.attn = nnx.MultiHeadAttention(4, 64, decode=False, rngs=rngs)
+            self.fc, self.proj = nnx.Linear(64, 160, rngs=rngs), nnx.Linear(160, 64, rngs=rngs)
+
+    class GPT(nnx.Module):
+        def __init__(self, rngs):
+            self.tok_emb = nnx.Embed(96, 64, rngs=rngs)
+            self.blocks = nnx.List([Block(rngs) for _ in range(2)])
+            self.ln_f = nnx.LayerNorm(64, rngs=rngs)
+            self.lm_head = nnx.Linear(64, 96, use_bias=False, rngs=rngs)
+
+    return _zeros(nnx.state(nnx.eval_shape(lambda: GPT(nnx.Rngs(0))), nnx.Param))
+
+
+def _equinox_mlp():
+    import equinox as eqx
+    import jax
+
+    mlp = eqx.filter_eval_shape(eqx.nn.MLP, 32, 1000, 64, depth=3, key=jax.random.key(0))
+    return _zeros(eqx.filter(mlp, lambda x: isinstance(x, jax.ShapeDtypeStruct)))
+
+
+def jax_zoo() -> dict[str, tuple[Any, str]]:
+    """name -> (builder of a parameter pytree, its layout)."""
+    return {"flax_linen_gpt": (_linen_gpt, "in_out"), "flax_linen_mlp": (_linen_mlp, "in_out"),
+            "flax_nnx_gpt": (_nnx_gpt, "in_out"), "equinox_mlp": (_equinox_mlp, "out_in")}

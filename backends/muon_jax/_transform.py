@@ -20,6 +20,7 @@ from muon_core import (
     MuonConfig, ParamPlan, Plan, from_matrices, nonfinite_message, ns_schedule, to_matrices,
 )
 from muon_jax._ns import ns_dtype, orthogonalize_batch
+from muon_jax._routing import module_kinds
 
 # Hyper-parameters that optax.inject_hyperparams may feed as arrays (tracers under jit).
 INJECTABLE = ("lr", "momentum", "weight_decay", "adamw_lr", "adamw_weight_decay")
@@ -106,7 +107,8 @@ def leaf_names(tree: Any) -> list[str]:
 @functools.lru_cache(maxsize=64)
 def _cached_plan(shapes: tuple[tuple[str, tuple[int, ...]], ...], config: MuonConfig,
                  layout: str, algorithms: tuple[tuple[str, str], ...]) -> Plan:
-    return muon_core.plan(dict(shapes), config, layout=layout, algorithms=dict(algorithms))
+    return muon_core.plan(dict(shapes), config, layout=layout, algorithms=dict(algorithms),
+                          module_kinds=module_kinds(dict(shapes)))
 
 
 def _plan(names: list[str], leaves: list[Any], config: MuonConfig, layout: str,
