@@ -1,7 +1,7 @@
 """The oracle: standard models, seeded gradients, the float64 reference run and tolerance tiers.
 
 Every check compares a backend with `muon_core.reference_step` run on float64 numpy arrays with
-Newton-Schulz in float64, or with the float64 facts of DESIGN.md section 4.
+Newton-Schulz in float64, or with the float64 facts of docs/algorithm.md (reference values).
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ class Tolerance:
 
 # Measured on the standard model over 20 steps against the float64 reference: float32 numpy
 # 0.8e-5 to 5e-5 across the options; bfloat16 Newton-Schulz (torch matmuls) 3.5e-2 to 5.6e-2,
-# and DESIGN.md section 4 puts XLA's bfloat16 further from float64 than torch's.
+# and docs/algorithm.md (reference values) puts XLA's bfloat16 further from float64 than torch's.
 TIERS = {
     "float64": Tolerance("float64", rtol=1e-10, atol=1e-13),
     "float32": Tolerance("float32", rtol=1e-4, atol=1e-7),
