@@ -7,6 +7,7 @@ name counts wherever it sits in the path.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -47,12 +48,17 @@ GPT2_CONV1D_NAMES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
 def components(name: str) -> list[str]:
     """The path components of a parameter name, wrapper prefixes dropped (and flax nnx's
     trailing `value`, the field of its Variable)."""
+    return list(_components(name))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _components(name: str) -> tuple[str, ...]:
     parts = [p for p in name.replace("/", ".").replace("[", ".").replace("]", "").split(".") if p]
     while len(parts) > 1 and parts[0] in WRAPPER_PREFIXES:
         parts = parts[1:]
     if len(parts) > 2 and parts[-1] == "value":
         parts = parts[:-1]
-    return parts
+    return tuple(parts)
 
 
 def _is_embedding(part: str) -> bool:
@@ -157,13 +163,14 @@ def moe_routers(shapes: Mapping[str, Sequence[int]]) -> dict[str, str]:
     """Router weights of mixture-of-experts layers: a 2-D `gate`/`router` weight next to an
     `experts` module (Mixtral, DeepSeek-V3, Qwen-MoE); its output is the logits over experts.
     Returns name -> why."""
+    blocks = {n.partition(".experts.")[0] for n in shapes if ".experts." in n}
+    blocks |= {"" for n in shapes if n.startswith("experts.")}
     found = {}
     for name, shape in shapes.items():
         parts = components(name)
         owner = parts[-2] if parts[-1] == "weight" and len(parts) > 1 else parts[-1]
         block = _parent(_parent(name)) if parts[-1] == "weight" else _parent(name)
-        if len(shape) == 2 and owner in ("gate", "router") and any(
-                n.startswith(f"{block}.experts.") for n in shapes):
+        if len(shape) == 2 and owner in ("gate", "router") and block in blocks:
             found[name] = f"mixture-of-experts router by name ({owner!r})"
     return found
 

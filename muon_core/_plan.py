@@ -195,12 +195,12 @@ def _muon_entry(name: str, shape: tuple[int, ...], decided_by: str, why: str,
     batch_axes = tuple(a for a in range(len(view)) if a not in out_axes + in_axes)
     scales = tuple(lr_scale(b, cols, config.lr_scaling) for b in blocks)
     notes = tuple(n for n in (layout_note, split_note) if n)
+    flags = (flag,) if flag else ()
     if decided_by == "shape" and max(rows, cols) >= FLAG_ASPECT * min(rows, cols):
-        flag = (f"{rows}x{cols} matrix routed to Muon by shape alone: an output head or "
-                "embedding? If so add a rule with algorithm = 'adamw'")
+        flags += (f"{rows}x{cols} matrix routed to Muon by shape alone: an output head or "
+                  "embedding? If so add a rule with algorithm = 'adamw'",)
     return ParamPlan(name, shape, "muon", decided_by, why, batch_axes + out_axes + in_axes,
-                     (batch, rows, cols), tuple(blocks), scales, view, groups, notes,
-                     (flag,) if flag else ())
+                     (batch, rows, cols), tuple(blocks), scales, view, groups, notes, flags)
 
 
 def _is_depthwise(shape: tuple[int, ...], layout: str) -> bool:
