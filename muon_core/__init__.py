@@ -4,6 +4,7 @@ Imports only the standard library and array-api-compat: config, routing plan, Ne
 on any Array API array, and the reference step every backend is checked against.
 """
 
+from muon_core._architectures import name_kind, qkv_kind
 from muon_core._config import AdamWConfig, MuonConfig, Rule
 from muon_core._ns import NSSchedule, ns_schedule, orthogonalize, resolve_dtype
 from muon_core._owners import OwnerTable, assign_owners, ns_flops, param_ns_flops, total_ns_flops
@@ -52,6 +53,7 @@ __all__ = [
     "momentum_coefficients",
     "momentum_update",
     "muon_update",
+    "name_kind",
     "nonfinite_message",
     "ns_flops",
     "ns_schedule",
@@ -61,6 +63,7 @@ __all__ = [
     "plan",
     "qk_clip",
     "qk_clip_scales",
+    "qkv_kind",
     "reference_step",
     "resolve_dtype",
     "step_allowed",

@@ -105,8 +105,11 @@ class Rule:
     given, whose `ndim`/`shape` agree, get the listed decisions.
 
     `algorithm` is "muon" or "adamw"; `split` gives row-block sizes along the output
-    dimension (fused QKV, GQA); `out_axes`/`in_axes` are explicit dimension numbers
-    (the remaining axes are batch axes, each slice orthogonalized alone).
+    dimension (fused QKV, GQA); `groups` says those rows are interleaved in that many equal
+    groups, each holding its share of every block (GPT-NeoX's per-head [q, k, v]: groups =
+    heads); `layout` ("out_in" or "in_out") says where the output axis of this tensor is;
+    `out_axes`/`in_axes` are explicit dimension numbers (the remaining axes are batch axes,
+    each slice orthogonalized alone).
     """
 
     match: str = "*"
@@ -116,6 +119,8 @@ class Rule:
     split: tuple[int, ...] | None = None
     out_axes: tuple[int, ...] | None = None
     in_axes: tuple[int, ...] | None = None
+    groups: int | None = None
+    layout: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.match, str) or not self.match:
@@ -130,6 +135,15 @@ class Rule:
             _fail("rule.split", self.split, "positive block sizes")
         if (self.out_axes is None) != (self.in_axes is None):
             _fail("rule.out_axes/in_axes", (self.out_axes, self.in_axes), "both given or neither")
+        if self.layout is not None:
+            _check_choice("rule.layout", self.layout, LAYOUTS)
+        if self.groups is not None:
+            if isinstance(self.groups, bool) or not isinstance(self.groups, int) \
+                    or self.groups < 1:
+                _fail("rule.groups", self.groups, "a positive int")
+            if self.split is None or any(s % self.groups for s in self.split):
+                _fail("rule.groups", self.groups, f"a divisor of every split size "
+                      f"(split={self.split})")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Rule:

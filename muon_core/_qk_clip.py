@@ -22,7 +22,8 @@ from typing import Any
 from array_api_compat import array_namespace, device
 
 from muon_core._config import MuonConfig
-from muon_core._plan import QKV_NAMES, ParamPlan, Plan, _components, plan as make_plan
+from muon_core._architectures import FUSED_QKV, components as _components
+from muon_core._plan import ParamPlan, Plan, plan as make_plan
 
 ROLES = ("query", "key", "qkv", "none")
 QUERY_NAMES = frozenset({"q_proj", "wq", "query", "q", "query_proj", "to_q", "q_lin"})
@@ -182,7 +183,7 @@ def _layer_of(name: str, layers: Mapping[tuple[str, ...], str]) -> tuple[str, li
 
 def _role_by_name(rest: list[str]) -> str | None:
     for part in rest:
-        if any(key in part for key in QKV_NAMES):
+        if part in FUSED_QKV:
             return "qkv"
         if part in QUERY_NAMES:
             return "query"
@@ -203,6 +204,11 @@ def _sibling_blocks(name: str, entries: Mapping[str, ParamPlan], size: int) -> t
 
 def _target(entry: ParamPlan, layer: str, role: str, rule: QKRule | None, plan: Plan,
             layout: str) -> QKTarget:
+    if entry.is_muon and entry.view_shape not in ((), entry.shape):
+        raise ValueError(f"parameter {entry.name!r} with shape {entry.shape} stores Q, K and V "
+                         f"rows interleaved per head (plan view {entry.view_shape}): QK-clip "
+                         "needs contiguous Q and K rows; route it with a QKRule role='none' "
+                         "or store Q and K separately")
     perm, n_row_axes, batch, rows = _row_view(entry, layout)
     blocks = entry.blocks if entry.is_muon else (rows,)
     if not entry.is_muon and role == "qkv":

@@ -114,13 +114,15 @@ def step_allowed(bad: Sequence[str], shapes: Mapping[str, Any], policy: str) -> 
 def to_matrices(x: Any, entry: ParamPlan, *, xp: Any = None) -> Any:
     """View a parameter-shaped array as the plan's `(batch, rows, cols)` matrices."""
     xp = xp or array_namespace(x)
-    return xp.reshape(xp.permute_dims(x, entry.perm), entry.matrix_shape)
+    viewed = xp.reshape(x, entry.view_shape) if entry.view_shape else x
+    return xp.reshape(xp.permute_dims(viewed, entry.perm), entry.matrix_shape)
 
 
 def from_matrices(m: Any, entry: ParamPlan, *, xp: Any = None) -> Any:
     """Undo `to_matrices`."""
     xp = xp or array_namespace(m)
-    return xp.permute_dims(xp.reshape(m, entry.permuted_shape), entry.inverse_perm)
+    viewed = xp.permute_dims(xp.reshape(m, entry.permuted_shape), entry.inverse_perm)
+    return xp.reshape(viewed, entry.shape)
 
 
 def muon_update(direction: Any, entry: ParamPlan, config: MuonConfig) -> Any:

@@ -193,3 +193,24 @@ def test_console_script_module_runs():
     result = subprocess.run([sys.executable, "-m", "muon_cli.main", "plan", "gpt2"],
                             capture_output=True, text=True, check=True)
     assert "h.11.mlp.proj.weight" in result.stdout
+
+
+def test_plan_reads_hugging_face_names_and_flags_shape_only_heads(tmp_path, capsys):
+    # Hugging Face GPT-2 names and (in, out) Conv1D shapes, a GPT-NeoX fused projection and an
+    # unnamed vocabulary-sized projection, as a user would dump them to JSON.
+    path = tmp_path / "shapes.json"
+    path.write_text(json.dumps({
+        "transformer.wte.weight": [50257, 768], "transformer.h.0.attn.c_attn.weight": [768, 2304],
+        "transformer.h.0.mlp.c_fc.weight": [768, 3072], "transformer.lm_head.weight": [50257, 768],
+        "gpt_neox.layers.0.attention.query_key_value.weight": [2304, 768],
+        "decoder.proj.weight": [50257, 768]}))
+    assert main(["plan", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "perm[1, 0] -> 2304x768 split 768+768+768" in " ".join(
+        _row(out, "transformer.h.0.attn.c_attn.weight"))
+    fc = _row(out, "transformer.h.0.mlp.c_fc.weight")
+    assert fc[fc.index("3072x768") + 1] == "2"  # sqrt(3072 / 768)
+    assert _row(out, "transformer.lm_head.weight")[2] == "adamw"
+    assert _row(out, "gpt_neox.layers.0.attention.query_key_value.weight")[3] == "2304x768"
+    assert "! gpt_neox.layers.0.attention.query_key_value.weight: fused Q/K/V left whole" in out
+    assert "! decoder.proj.weight: 50257x768 matrix routed to Muon by shape alone" in out

@@ -1,4 +1,4 @@
-"""Newton-Schulz: golden float64 values from DESIGN.md, invariants, namespaces, errors."""
+"""Newton-Schulz: golden float64 values (docs/algorithm.md), invariants, namespaces, errors."""
 
 import numpy as np
 import pytest
@@ -30,7 +30,7 @@ def scalar_iteration(s, schedule):
 
 @pytest.mark.parametrize("xp_name", NAMESPACES)
 def test_keller_golden_values(xp_name):
-    # DESIGN.md section 4, float64 facts computed independently.
+    # docs/algorithm.md, reference values: float64 facts computed independently.
     out = orthogonalize(as_namespace(np.diag([3.0, 4.0]), xp_name))
     np.testing.assert_allclose(sorted(singular_values(out)), [0.722876, 1.119204], atol=1e-6)
     out = orthogonalize(as_namespace([[1, 2, 3], [4, 5, 6]], xp_name))
@@ -54,7 +54,7 @@ def test_keller_maps_singular_values_as_published():
     # Normalising divides s by ||s||; map the golden points through that factor.
     golden = scalar_iteration(s / np.linalg.norm(s), ns_schedule("keller", 5))
     np.testing.assert_allclose(sorted(singular_values(out)), sorted(golden), rtol=1e-9)
-    # DESIGN.md: keller maps {1e-3, 1e-2, 0.1, 0.5, 1} to these after 5 steps.
+    # docs/algorithm.md: keller maps {1e-3, 1e-2, 0.1, 0.5, 1} to these after 5 steps.
     np.testing.assert_allclose(scalar_iteration(s, ns_schedule("keller", 5)),
                                [0.470544, 0.698917, 0.712120, 0.765439, 0.696436], atol=1e-6)
 

@@ -115,7 +115,8 @@ def test_conv_and_split_blocks_are_orthogonalized_alone(scaling):
     params = {"conv.weight": rng.standard_normal((6, 2, 3, 3)),
               "attn.qkv.weight": rng.standard_normal((24, 5))}
     grads = {k: rng.standard_normal(v.shape) for k, v in params.items()}
-    cfg = MuonConfig(lr=1.0, weight_decay=0.0, momentum=0.0, lr_scaling=scaling, **F64)
+    cfg = MuonConfig(lr=1.0, weight_decay=0.0, momentum=0.0, lr_scaling=scaling,
+                     rules=[Rule(match="attn.qkv.weight", split=(8, 8, 8))], **F64)
     new, _ = reference_step(params, grads, None, cfg)
     conv_update = params["conv.weight"] - new["conv.weight"]
     scale = {"original": 1.0, "match_rms_adamw": 0.2 * math.sqrt(18),

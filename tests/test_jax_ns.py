@@ -1,4 +1,4 @@
-"""Newton-Schulz in jax.numpy against the design note's float64 golden values and the core."""
+"""Newton-Schulz in jax.numpy against docs/algorithm.md's float64 golden values and the core."""
 
 import numpy as np
 import pytest
@@ -18,14 +18,14 @@ def _singular_values(x) -> np.ndarray:
 
 
 def test_keller_golden_matrix():
-    # DESIGN.md golden value: keller x5 of [[1,2,3],[4,5,6]] in float64.
+    # Golden value (docs/algorithm.md reference values): keller x5 of [[1,2,3],[4,5,6]] in float64.
     expected = [[-0.56829, 0.057742, 0.683774], [0.563355, 0.405613, 0.247871]]
     got = orthogonalize(jnp.array([[1.0, 2, 3], [4, 5, 6]]), dtype="float32")
     np.testing.assert_allclose(got, expected, atol=2e-6)
 
 
 @pytest.mark.parametrize("coefficients, expected", [
-    ("keller", [0.722876, 1.119204]),  # DESIGN.md golden values (float64)
+    ("keller", [0.722876, 1.119204]),  # golden values (float64, docs/algorithm.md)
     ("quintic", [1.005632, 1.018629]),
 ])
 def test_diagonal_golden_singular_values(coefficients, expected):

@@ -114,10 +114,12 @@ def test_flax_dense_gets_the_torch_linear_lr_scale():
 def test_flax_style_tree_routes_like_torch_modules():
     params = {"params": {"Embed_0": {"embedding": jnp.ones((50, 8))},
                          "Dense_0": {"kernel": jnp.ones((8, 32)), "bias": jnp.ones(32)},
+                         "Dense_1": {"kernel": jnp.ones((32, 50))},
                          "Conv_0": {"kernel": jnp.ones((3, 3, 4, 8))}}}
     plan = muon_jax.plan_for(params)
     assert plan["params.Embed_0.embedding"].algorithm == "adamw"
     assert plan["params.Dense_0.bias"].algorithm == "adamw"
+    assert plan["params.Dense_1.kernel"].why == "head module"  # the last Dense: the logits
     dense, conv = plan["params.Dense_0.kernel"], plan["params.Conv_0.kernel"]
     assert (dense.matrix_shape, dense.lr_scales) == ((1, 32, 8), (2.0,))  # torch Linear(8, 32)
     assert conv.matrix_shape == (1, 8, 36)  # torch Conv2d(4, 8, 3): (out, in * kh * kw)

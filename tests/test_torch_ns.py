@@ -20,7 +20,7 @@ def _core(x: np.ndarray, coefficients="keller") -> np.ndarray:
 
 
 def test_golden_singular_values_of_diag_3_4():
-    # DESIGN.md golden facts (float64): keller x5 -> [0.722876, 1.119204],
+    # Golden facts (float64, docs/algorithm.md reference values): keller x5 -> [0.722876, 1.119204],
     # quintic x5 -> [1.018629, 1.005632]
     g = torch.tensor([[3.0, 0.0], [0.0, 4.0]], dtype=torch.float64)
     keller = torch.linalg.svdvals(newton_schulz(g, KELLER, 1e-7)).sort().values
@@ -33,7 +33,7 @@ def test_golden_singular_values_of_diag_3_4():
 
 
 def test_golden_wide_matrix():
-    # DESIGN.md golden fact: keller x5 on [[1,2,3],[4,5,6]] in float64
+    # Golden fact (docs/algorithm.md reference values): keller x5 on [[1,2,3],[4,5,6]] in float64
     g = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], dtype=torch.float64)
     expected = torch.tensor([[-0.56829, 0.057742, 0.683774], [0.563355, 0.405613, 0.247871]],
                             dtype=torch.float64)
@@ -89,7 +89,7 @@ def test_rejects_vectors():
 
 
 def test_norm_float32_is_float64_accurate():
-    # torch's flat float32 norm of 8M elements is off by ~2e-4 (DESIGN.md); ours by ~1e-7
+    # torch's flat float32 norm of 8M elements is off by ~2e-4 (docs/algorithm.md); ours by ~1e-7
     x = torch.randn(1, 2048, 4096) + 0.5
     exact = x.double().square().sum().sqrt()
     assert abs(frobenius_norm(x).double().item() / exact.item() - 1) < 1e-6

@@ -13,6 +13,8 @@ from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 import muon_core
 from muon_core import MuonConfig, Plan
 
+from muon_jax._routing import module_kinds
+
 
 def _key_text(key: Any) -> str:
     if isinstance(key, (DictKey, FlattenedIndexKey)):
@@ -48,7 +50,8 @@ def leaf_names(tree: Any) -> list[str]:
 @functools.lru_cache(maxsize=64)
 def _cached_plan(shapes: tuple[tuple[str, tuple[int, ...]], ...], config: MuonConfig,
                  layout: str, algorithms: tuple[tuple[str, str], ...]) -> Plan:
-    return muon_core.plan(dict(shapes), config, layout=layout, algorithms=dict(algorithms))
+    return muon_core.plan(dict(shapes), config, layout=layout, algorithms=dict(algorithms),
+                          module_kinds=module_kinds(dict(shapes)))
 
 
 def plan_leaves(names: list[str], leaves: list[Any], config: MuonConfig, layout: str,

@@ -13,7 +13,7 @@ from torch.optim.adamw import adamw as adamw_functional
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from muon_torch._groups import adamw_hyperparameters, muon_hyperparameters, parse_group
-from muon_torch._model import module_kinds, sparse_parameters
+from muon_torch._model import ModuleHints, as_hints, model_hints, sparse_parameters
 from muon_torch._newton_schulz import newton_schulz
 from muon_torch._qk_clip import qk_clip as _qk_clip
 
@@ -70,7 +70,7 @@ def _update_momentum(grads: list[torch.Tensor], bufs: list[torch.Tensor],
 
 
 def _to_matrices(x: torch.Tensor, entry: ParamPlan) -> torch.Tensor:
-    return x.permute(entry.perm).reshape(entry.matrix_shape)
+    return x.view(entry.view_shape).permute(entry.perm).reshape(entry.matrix_shape)
 
 
 def _write_direction(out: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor, entry: ParamPlan,
@@ -91,7 +91,7 @@ def _write_direction(out: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor, e
 def _add_block(param: torch.Tensor, entry: ParamPlan, rows: slice, update: torch.Tensor,
                alpha: float) -> None:
     """`param += alpha * update` on the block `rows` of the parameter's matrix view."""
-    view = param.permute(entry.perm)
+    view = param.view(entry.view_shape).permute(entry.perm)
     if view.is_contiguous():
         view.view(entry.matrix_shape)[:, rows].add_(update, alpha=alpha)
         return
@@ -107,19 +107,20 @@ class Muon(torch.optim.Optimizer):
     `model.named_parameters()`, or group dicts `{"params": [...], "names": [...],
     "algorithm": "muon" | "adamw", <hyper-parameters>}`. `config` (default `MuonConfig()`) and
     keyword `overrides` (MuonConfig field names) set the hyper-parameters; `module_kinds` maps
-    names to "embedding", "head", "norm" or "hidden" (see `Muon.for_model`). `muon_core.plan`
-    routes every parameter (`opt.plan` shows the table); each user group becomes two torch
-    groups, its Muon half then its AdamW half (possibly empty), each with its own "lr", so
-    schedulers scale both.
+    names to "embedding", "head", "norm", "other" or "hidden" (or is the `ModuleHints` that
+    `Muon.for_model` reads off the modules). `muon_core.plan` routes every parameter
+    (`opt.plan` shows the table); each user group becomes two torch groups, its Muon half then
+    its AdamW half (possibly empty), each with its own "lr", so schedulers scale both.
     """
 
     def __init__(self, params: Iterable[Any], config: MuonConfig | None = None, *,
-                 module_kinds: Mapping[str, str] | None = None, **overrides: Any) -> None:
+                 module_kinds: Mapping[str, str] | ModuleHints | None = None,
+                 **overrides: Any) -> None:
         config = MuonConfig() if config is None else config
         if not isinstance(config, MuonConfig):
             raise TypeError(f"config must be a MuonConfig, got {type(config).__name__}")
         self.config = config.with_overrides(overrides, "Muon")
-        self._module_kinds = dict(module_kinds or {})
+        self._module_kinds = as_hints(module_kinds)
         # Every parameter's plan entry, in the order the groups were added (the plan's order).
         self._entries: dict[torch.Tensor, ParamPlan] = {}
         super().__init__(params, {})
@@ -128,8 +129,10 @@ class Muon(torch.optim.Optimizer):
     def for_model(cls, model: nn.Module, config: MuonConfig | None = None,
                   **overrides: Any) -> Muon:
         """Build from a module, routing by module type: embeddings, tied weights, the output
-        projection (last `nn.Linear`) and norms go to AdamW, other Linear/Conv weights to Muon."""
-        opt = cls(model.named_parameters(), config, module_kinds=module_kinds(model), **overrides)
+        projection and norms go to AdamW, other Linear/Conv weights to Muon (see
+        `muon_torch.module_kinds`); GPT-2's Conv1D weights are read (in, out) and fused Q/K/V
+        projections split by their attention module's head counts."""
+        opt = cls(model.named_parameters(), config, module_kinds=model_hints(model), **overrides)
         sparse = sparse_parameters(model)
         for param, entry in opt._entries.items():
             if entry.is_muon and id(param) in sparse:
@@ -151,8 +154,7 @@ class Muon(torch.optim.Optimizer):
         plan = muon_core.plan(shapes, user.config, layout="out_in",
                               algorithms=dict.fromkeys(user.names, user.algorithm)
                               if user.algorithm else None,
-                              module_kinds={n: self._module_kinds[n] for n in user.names
-                                            if n in self._module_kinds})
+                              **self._module_kinds.plan_keywords(user.names))
         for entry, param in zip(plan, user.params):
             if entry.is_muon:
                 _check_muon_param(entry, param)

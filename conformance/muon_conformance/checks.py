@@ -1,4 +1,4 @@
-"""The checks: each drives an adapter and compares it with the float64 reference or DESIGN.md's
+"""The checks: each drives an adapter and compares it with the float64 reference or the float64
 golden facts, raising `ConformanceFailure` with the check, case, parameter, shape, dtype,
 options and error.
 
@@ -197,7 +197,7 @@ def orthogonalized(adapter: Any, grads: Mapping[str, np.ndarray],
 # The facts have six significant digits. bfloat16 Newton-Schulz on these tiny matrices is far
 # off: torch's bf16 matmuls gave 0.875 for f(0.5) = 0.765 and 1.078 for 1.119 (diag(3, 4)).
 GOLDEN_ATOL = {"float64": 1e-6, "float32": 2e-5, "bfloat16": 0.15}
-# DESIGN.md section 4, float64 facts: (coefficients, input, kind, expected).
+# docs/algorithm.md, reference values (float64): (coefficients, input, kind, expected).
 GOLDEN = {
     "keller_diag34": ("keller", np.diag([3.0, 4.0]), "singular_values", [1.119204, 0.722876]),
     "quintic_diag34": ("quintic", np.diag([3.0, 4.0]), "singular_values", [1.018629, 1.005632]),
@@ -214,7 +214,7 @@ GOLDEN_CASES = [Case(name, name, ns_config(spec[0])) for name, spec in GOLDEN.it
 
 @_register("ns_golden", _tiered([*GOLDEN_CASES, Case("keller_singular_map", None, ns_config())]))
 def check_ns_golden(adapter: Any, name: str | None, where: Where) -> None:
-    """Newton-Schulz reproduces the float64 golden values of DESIGN.md section 4."""
+    """Newton-Schulz reproduces the float64 golden values of docs/algorithm.md."""
     tol = Tolerance(where.tier, rtol=0.0, atol=GOLDEN_ATOL[where.tier])
     if name is None:
         grads = {f"m{i}.weight": np.diag([s, math.sqrt(1 - s * s)])
@@ -263,8 +263,8 @@ def _invariant_singular_range(adapter: Any, where: Where) -> None:
     g = make_params({"g": (16, 32)}, seed=6)["g"]
     values = np.linalg.svd(orthogonalized(adapter, {"m.weight": g}, where)["m.weight"],
                            compute_uv=False)
-    # DESIGN.md section 4: "keller" lands normalized singular values above 0.01 in about
-    # [0.68, 1.2] (bfloat16: [0.65, 1.22]); this matrix's smallest normalized one is 0.07.
+    # Reference values (docs/algorithm.md): "keller" lands normalized singular values above
+    # 0.01 in about [0.68, 1.2] (bfloat16: [0.65, 1.22]); this matrix's smallest is 0.07.
     if values.min() < 0.65 or values.max() > 1.22:
         raise ConformanceFailure(where.at("m.weight", g.shape, "singular values of NS(G) span "
                                  f"[{values.min():.4f}, {values.max():.4f}], expected within "

@@ -1,7 +1,7 @@
 """The oracle: standard models, seeded gradients, the float64 reference run and tolerance tiers.
 
 Every check compares a backend with `muon_core.reference_step` run on float64 numpy arrays with
-Newton-Schulz in float64, or with the float64 facts of DESIGN.md section 4.
+Newton-Schulz in float64, or with the float64 facts of docs/algorithm.md (reference values).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ STANDARD_SHAPES: dict[str, tuple[int, ...]] = {
     "square.weight": (24, 24),
     "experts.weight": (3, 12, 20),      # batched: one matrix per expert (rule below)
     "conv.weight": (8, 4, 3, 3),        # flattened to 8 x 36
-    "attn.qkv.weight": (36, 20),        # fused QKV: three 12 x 20 blocks
+    "attn.qkv.weight": (60, 20),        # fused QKV: three 20 x 20 blocks
+    "attn.neox.weight": (24, 10),       # per-head interleaved QKV: 2 groups [q, k, v] (rule)
     "attn.gqa.weight": (32, 24),        # grouped-query QKV: blocks 16 + 8 + 8 (rule below)
     "tall.bias": (48,),
     "norm.weight": (16,),
@@ -34,6 +35,7 @@ STANDARD_SHAPES: dict[str, tuple[int, ...]] = {
 STANDARD_RULES = (
     Rule(match="experts.*", out_axes=(1,), in_axes=(2,)),
     Rule(match="*.gqa.*", split=(16, 8, 8)),
+    Rule(match="*.neox.*", split=(8, 8, 8), groups=2),
 )
 
 
@@ -101,7 +103,7 @@ class Tolerance:
 
 # Measured on the standard model over 20 steps against the float64 reference: float32 numpy
 # 0.8e-5 to 5e-5 across the options; bfloat16 Newton-Schulz (torch matmuls) 3.5e-2 to 5.6e-2,
-# and DESIGN.md section 4 puts XLA's bfloat16 further from float64 than torch's.
+# and docs/algorithm.md (reference values) puts XLA's bfloat16 further from float64 than torch's.
 TIERS = {
     "float64": Tolerance("float64", rtol=1e-10, atol=1e-13),
     "float32": Tolerance("float32", rtol=1e-4, atol=1e-7),
