@@ -5,7 +5,9 @@ on any Array API array, and the reference step every backend is checked against.
 """
 
 from muon_core._config import AdamWConfig, MuonConfig, Rule
-from muon_core._ns import NSSchedule, ns_schedule, orthogonalize, resolve_dtype
+from muon_core._ns import (DeviceFacts, NSSchedule, auto_ns_dtype, describe_ns_dtype,
+                           host_cpu_flags, ns_schedule,
+                           orthogonalize, resolve_dtype)
 from muon_core._plan import ParamPlan, Plan, lr_scale, plan
 from muon_core._registry import available_backends, load_backend
 from muon_core._shapes import gpt2_shapes
@@ -24,9 +26,10 @@ from muon_core._reference import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdamWConfig", "MuonConfig", "NSSchedule", "ParamPlan", "Plan", "Rule", "available_backends",
-    "check_gradients", "from_matrices", "gpt2_shapes", "init_state", "interleaved_times",
-    "load_backend", "lr_scale", "momentum_update", "muon_update", "nonfinite_message",
-    "ns_schedule", "orthogonalize", "peer_schedule", "plan", "reference_step", "resolve_dtype",
-    "to_matrices",
+    "AdamWConfig", "DeviceFacts", "MuonConfig", "NSSchedule", "ParamPlan", "Plan", "Rule",
+    "auto_ns_dtype", "available_backends", "check_gradients", "describe_ns_dtype",
+    "from_matrices", "gpt2_shapes",
+    "host_cpu_flags", "init_state", "interleaved_times", "load_backend", "lr_scale",
+    "momentum_update", "muon_update", "nonfinite_message", "ns_schedule", "orthogonalize",
+    "peer_schedule", "plan", "reference_step", "resolve_dtype", "to_matrices",
 ]

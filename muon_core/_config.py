@@ -132,7 +132,10 @@ class Rule:
 class MuonConfig:
     """Every hyper-parameter of the optimizer: Muon for hidden matrices, AdamW for the rest.
 
-    Defaults match `torch.optim.Muon`. Names follow torch.optim where it has one.
+    Defaults match `torch.optim.Muon` except `ns_dtype`: "auto" computes Newton-Schulz in
+    bfloat16 only where the device multiplies bfloat16 matrices natively (`auto_ns_dtype`),
+    float32 elsewhere, where torch.optim.Muon always uses bfloat16. Names follow torch.optim
+    where it has one.
     """
 
     lr: float = 1e-3
@@ -143,7 +146,7 @@ class MuonConfig:
     ns_steps: int = 5
     ns_coefficients: Any = "keller"
     eps: float = 1e-7
-    ns_dtype: str = "bfloat16"
+    ns_dtype: str = "auto"
     lr_scaling: str = "original"
     split_qkv: bool = True
     nonfinite: str = "raise"

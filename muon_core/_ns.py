@@ -29,8 +29,13 @@ POLAR_EXPRESS_LIMIT = (1.875, -1.25, 0.375)
 # The safe variant trades a little speed for headroom against round-off in low precision.
 POLAR_EXPRESS_SAFETY = 1.01
 PRESETS = ("keller", "quintic", "polar_express", "polar_express_raw")
-# Working precisions of Newton-Schulz, by name.
-NS_DTYPES = ("bfloat16", "float32", "float64")
+# Working precisions of Newton-Schulz, by name; "auto" picks one of the others per device.
+NS_DTYPES = ("auto", "bfloat16", "float32", "float64")
+# CPU feature flags (as /proc/cpuinfo spells them) that mean native bfloat16 matrix products.
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+# Vector capabilities (as `torch.backends.cpu.get_cpu_capability()` reports them) whose kernels
+# can use those instructions; None means the framework does not report one (JAX).
+BF16_CPU_CAPABILITIES = (None, "AVX512")
 
 
 class NSSchedule(NamedTuple):
@@ -112,11 +117,81 @@ def _newton_schulz(x: Any, schedule: NSSchedule, eps: float, *, xp: Any) -> Any:
     return _matrix_transpose(x, xp) if tall else x
 
 
-def resolve_dtype(name: str, xp: Any, key: str = "ns_dtype") -> Any:
+class DeviceFacts(NamedTuple):
+    """What a backend reports about the device that runs Newton-Schulz.
+
+    `kind`: "cpu", "cuda", "tpu", or another device name (torch's device type, JAX's platform,
+    with JAX's "gpu" on NVIDIA hardware reported as "cuda"); `cuda_capability`: the GPU's
+    compute capability `(major, minor)`; `cpu_capability`: torch's CPU vector capability
+    ("AVX2", "AVX512", ...; None where the framework does not report one); `cpu_flags`: the
+    host CPU's feature flags as /proc/cpuinfo lists them.
+    """
+
+    kind: str
+    cuda_capability: tuple[int, int] | None = None
+    cpu_capability: str | None = None
+    cpu_flags: frozenset[str] = frozenset()
+
+
+def host_cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The feature flags of the host CPU from /proc/cpuinfo; empty where it cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def auto_ns_dtype(facts: DeviceFacts | None) -> tuple[str, str]:
+    """The working precision `ns_dtype="auto"` picks, and why: `(dtype name, reason)`.
+
+    bfloat16 where the device multiplies bfloat16 matrices natively: TPUs, CUDA GPUs of
+    compute capability 8.0 or later (bfloat16 tensor cores), and CPUs with AVX512-BF16 or AMX
+    whose framework kernels use them. float32 everywhere else (older GPUs, AVX2 CPUs, Apple
+    MPS, unknown devices), where bfloat16 products are emulated and many times slower.
+    """
+    if facts is None:
+        return "float32", "no device facts"
+    if facts.kind == "tpu":
+        return "bfloat16", "TPU"
+    if facts.kind == "cuda":
+        capability = facts.cuda_capability
+        if capability is not None and tuple(capability) >= (8, 0):
+            return "bfloat16", f"CUDA compute capability {capability[0]}.{capability[1]}"
+        shown = "unknown" if capability is None else f"{capability[0]}.{capability[1]}"
+        return "float32", f"CUDA compute capability {shown} < 8.0"
+    if facts.kind == "cpu":
+        flags = sorted(set(BF16_CPU_FLAGS) & set(facts.cpu_flags))
+        shown = facts.cpu_capability or "CPU"
+        if not flags:
+            return "float32", f"{shown} without avx512_bf16/amx_bf16"
+        if facts.cpu_capability in BF16_CPU_CAPABILITIES:
+            return "bfloat16", f"{shown} with {'/'.join(flags)}"
+        return "float32", f"{shown} kernels, which do not use {'/'.join(flags)}"
+    return "float32", f"device {facts.kind!r}"
+
+
+def describe_ns_dtype(name: str, facts: DeviceFacts | None) -> str:
+    """One line for plan tables: the working precision `name` stands for on this device."""
+    if name != "auto":
+        return f"Newton-Schulz in {name}"
+    dtype, reason = auto_ns_dtype(facts)
+    return f"Newton-Schulz in {dtype} (ns_dtype='auto': {reason})"
+
+
+def resolve_dtype(name: str, xp: Any, key: str = "ns_dtype",
+                  facts: DeviceFacts | None = None) -> Any:
     """The namespace's dtype called `name` (one of `NS_DTYPES`); float32 where it has no
-    bfloat16 (numpy). `key` names the argument in error messages."""
+    bfloat16 (numpy). "auto" follows `auto_ns_dtype(facts)`. `key` names the argument in
+    error messages."""
     if name not in NS_DTYPES:
         raise ValueError(f"{key}={name!r} is invalid: expected one of {list(NS_DTYPES)}")
+    if name == "auto":
+        name = auto_ns_dtype(facts)[0]
     dtype = getattr(xp, name, None)
     if dtype is None and name == "bfloat16":
         dtype = xp.float32

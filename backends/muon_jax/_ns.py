@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Sequence
 from typing import Any
@@ -10,15 +11,30 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from muon_core import NSSchedule, ns_schedule, resolve_dtype
+import muon_core
+from muon_core import DeviceFacts, NSSchedule, ns_schedule, resolve_dtype
+
+
+@functools.cache
+def device_facts() -> DeviceFacts:
+    """What `ns_dtype="auto"` needs to know about JAX's default device."""
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        return DeviceFacts("cpu", cpu_flags=muon_core.host_cpu_flags())
+    capability = getattr(device, "compute_capability", None)
+    if device.platform in ("gpu", "cuda") and capability:
+        major, minor = str(capability).split(".")[:2]
+        return DeviceFacts("cuda", cuda_capability=(int(major), int(minor)))
+    return DeviceFacts(device.platform)
 
 
 def ns_dtype(name: str) -> Any:
-    """The jnp dtype for a config's `ns_dtype`; float64 needs `jax_enable_x64`."""
+    """The jnp dtype for a config's `ns_dtype` ("auto": decided for JAX's default device);
+    float64 needs `jax_enable_x64`."""
     if name == "float64" and not jax.config.jax_enable_x64:
         raise ValueError("ns_dtype='float64' needs jax.config.update('jax_enable_x64', True); "
                          "without it JAX silently computes in float32")
-    return resolve_dtype(name, jnp)
+    return resolve_dtype(name, jnp, facts=device_facts() if name == "auto" else None)
 
 
 def _newton_schulz(x: jax.Array, schedule: NSSchedule, eps: float) -> jax.Array:

@@ -2,14 +2,42 @@
 
 from __future__ import annotations
 
+import muon_core
 import torch
-from muon_core import NSSchedule
+from muon_core import DeviceFacts, NSSchedule
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 # On CPU the stack is walked in chunks of at most this many values per matrix group: measured
 # here, torch's GEMMs on one 768x768 or 768x3072 matrix at a time (scratch reused from the heap,
 # kept in cache) beat one batched GEMM over a dozen of them by about 8 %.
 CPU_CHUNK_VALUES = 2**19
+
+
+# Facts per device, read once per process (a plain dict, which torch.compile reads as a constant).
+_FACTS: dict[torch.device, DeviceFacts] = {}
+
+
+def device_facts(device: torch.device) -> DeviceFacts:
+    """What `ns_dtype="auto"` needs to know about `device` (see `muon_core.auto_ns_dtype`)."""
+    device = torch.device(device)
+    if device not in _FACTS:
+        _FACTS[device] = _read_facts(device)
+    return _FACTS[device]
+
+
+def _read_facts(device: torch.device) -> DeviceFacts:
+    if device.type == "cuda":
+        return DeviceFacts("cuda", cuda_capability=torch.cuda.get_device_capability(device))
+    if device.type == "cpu":
+        return DeviceFacts("cpu", cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                           cpu_flags=muon_core.host_cpu_flags())
+    return DeviceFacts(device.type)
+
+
+def ns_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The torch dtype of a config's `ns_dtype` on `device` ("auto" decided per device)."""
+    facts = device_facts(device) if name == "auto" else None
+    return muon_core.resolve_dtype(name, torch, facts=facts)
 
 
 def _wide_dtype(device: torch.device) -> torch.dtype:
