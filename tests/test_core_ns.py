@@ -193,3 +193,22 @@ def test_describe_ns_dtype_names_the_choice_and_its_reason():
     assert muon_core.describe_ns_dtype("auto", facts) == \
         "Newton-Schulz in float32 (ns_dtype='auto': CUDA compute capability 7.0 < 8.0)"
     assert muon_core.describe_ns_dtype("bfloat16", facts) == "Newton-Schulz in bfloat16"
+
+
+@pytest.mark.parametrize("shape", [(6, 20), (20, 6), (2, 8, 12), (9, 9), (8, 11)])
+@pytest.mark.parametrize("coefficients", ["keller", "polar_express", "quintic"])
+def test_gram_newton_schulz_is_the_same_polynomial_in_float64(shape, coefficients):
+    g = np.random.default_rng(11).standard_normal(shape)
+    gram = orthogonalize(g, coefficients=coefficients, algorithm="gram")
+    np.testing.assert_allclose(gram, orthogonalize(g, coefficients=coefficients), atol=1e-12)
+
+
+def test_gram_applies_only_to_rectangular_enough_blocks():
+    schedule = ns_schedule("keller", 5, "gram")
+    assert muon_core._ns.uses_gram(schedule, 8, 12) and muon_core._ns.uses_gram(schedule, 12, 8)
+    assert not muon_core._ns.uses_gram(schedule, 8, 11)
+    assert not muon_core._ns.uses_gram(ns_schedule("keller", 5), 8, 32)
+    with pytest.raises(ValueError, match=r"ns_algorithm='fast' is invalid: expected one of"):
+        ns_schedule("keller", 5, "fast")
+    with pytest.raises(ValueError, match=r"ns_algorithm='fast' is invalid"):
+        muon_core.MuonConfig(ns_algorithm="fast")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import muon_core
 import torch
 from muon_core import DeviceFacts, NSSchedule
+from muon_core._ns import uses_gram
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 # On CPU the stack is walked in chunks of at most this many values per matrix group: measured
@@ -58,12 +59,48 @@ def frobenius_norm(x: torch.Tensor) -> torch.Tensor:
     return rows.square().sum(dim=-2, keepdim=True).sqrt().to(x.dtype)
 
 
+def _normalised(x: torch.Tensor, schedule: NSSchedule, eps: float) -> torch.Tensor:
+    """`x / max(norm_scale * ||x||_F, eps)` per matrix, as a new row-major tensor (which torch's
+    GEMMs prefer even when `x` is a transposed view)."""
+    scale = (frobenius_norm(x) * schedule.norm_scale).clamp_min(eps)
+    return torch.div(x, scale, out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
+
+
+def _iterate_gram(x: torch.Tensor, schedule: NSSchedule, eps: float, out: torch.Tensor) -> None:
+    """Gram Newton-Schulz (`muon_core`'s `_gram_iterations`) on a batch (b, m, n), m <= n.
+
+    Iterates `Q <- P Q` and `A <- (a A + b A^2 + c A^3) P` on m x m matrices in at least
+    float32, then writes `Q X` into `out`.
+    """
+    current = _normalised(x, schedule, eps)
+    wide = torch.promote_types(x.dtype, torch.float32)
+    gram = torch.bmm(current, current.mT).to(wide)
+    square, poly, cube = torch.empty_like(gram), torch.empty_like(gram), torch.empty_like(gram)
+    q, spare = torch.empty_like(gram), torch.empty_like(gram)
+    last = len(schedule.coefficients) - 1
+    for i, (a, b, c) in enumerate(schedule.coefficients):
+        torch.bmm(gram, gram, out=square)
+        torch.mul(gram, b, out=poly).add_(square, alpha=c)
+        poly.diagonal(dim1=-2, dim2=-1).add_(a)
+        if i == 0:
+            q.copy_(poly)
+        else:
+            torch.bmm(poly, q, out=spare)
+            q, spare = spare, q
+        if i < last:
+            # a A + b A^2 + c A^3, then times P: the next Gram matrix
+            torch.mul(gram, a, out=cube).add_(square, alpha=b).baddbmm_(gram, square, alpha=c)
+            torch.bmm(cube, poly, out=gram)
+    torch.bmm(q.to(x.dtype), current, out=out)
+
+
 def _iterate(x: torch.Tensor, schedule: NSSchedule, eps: float, out: torch.Tensor) -> None:
     """Newton-Schulz on a batch `x` of shape (b, m, n) with m <= n, written into `out`."""
-    scale = (frobenius_norm(x) * schedule.norm_scale).clamp_min(eps)
-    # Every product writes into scratch allocated once (row-major even when `x` is a transposed
-    # view, which torch's GEMMs prefer); the last one writes into `out`.
-    current = torch.div(x, scale, out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
+    if uses_gram(schedule, x.shape[-2], x.shape[-1]):
+        _iterate_gram(x, schedule, eps, out)
+        return
+    # Every product writes into scratch allocated once; the last one writes into `out`.
+    current = _normalised(x, schedule, eps)
     spare = torch.empty_like(current)
     gram = x.new_empty((x.shape[0], x.shape[1], x.shape[1]))
     poly = torch.empty_like(gram)

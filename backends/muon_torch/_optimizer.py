@@ -54,7 +54,8 @@ def _ns_settings(group: Mapping[str, Any]) -> tuple[str, muon_core.NSSchedule]:
     if group["momentum_kind"] not in ("ema", "sum"):
         raise ValueError(f"momentum_kind={group['momentum_kind']!r} is invalid: expected 'ema' "
                          "or 'sum'")
-    schedule = muon_core.ns_schedule(group["ns_coefficients"], group["ns_steps"])
+    schedule = muon_core.ns_schedule(group["ns_coefficients"], group["ns_steps"],
+                                     group["ns_algorithm"])
     muon_core.resolve_dtype(group["ns_dtype"], torch)  # validates the name
     return group["ns_dtype"], schedule
 
