@@ -10,8 +10,6 @@ from muon_core._ns import (DeviceFacts, NSSchedule, auto_ns_dtype, describe_ns_d
                            orthogonalize, resolve_dtype)
 from muon_core._plan import ParamPlan, Plan, lr_scale, plan
 from muon_core._registry import available_backends, load_backend
-from muon_core._shapes import gpt2_shapes
-from muon_core._timing import interleaved_times, peer_schedule
 from muon_core._reference import (
     check_gradients,
     from_matrices,
@@ -28,8 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdamWConfig", "DeviceFacts", "MuonConfig", "NSSchedule", "ParamPlan", "Plan", "Rule",
     "auto_ns_dtype", "available_backends", "check_gradients", "describe_ns_dtype",
-    "from_matrices", "gpt2_shapes",
-    "host_cpu_flags", "init_state", "interleaved_times", "load_backend", "lr_scale",
+    "from_matrices", "host_cpu_flags", "init_state", "load_backend", "lr_scale",
     "momentum_update", "muon_update", "nonfinite_message", "ns_schedule", "orthogonalize",
-    "peer_schedule", "plan", "reference_step", "resolve_dtype", "to_matrices",
+    "plan", "reference_step", "resolve_dtype", "to_matrices",
 ]

@@ -132,12 +132,14 @@ def _gram_iterations(x: Any, schedule: NSSchedule, xp: Any) -> Any:
 
     Each step's polynomial `P = a I + b A + c A^2` is a polynomial in `A = X X^T`, so
     `X_{k+1} = P X_k` gives `X_k = Q_k X_0` with `Q_{k+1} = P Q_k` and
-    `A_{k+1} = P A P = (a A + b A^2 + c A^3) P`: every product but the last is m x m. The m x m
-    work runs in at least float32 (in bfloat16 the accumulated `Q` drifts from the polynomial).
+    `A_{k+1} = P A P = (a A + b A^2 + c A^3) P`: every product but the last is m x m. `A` is
+    formed and iterated in at least float32: rounded to bfloat16 it has spurious negative
+    eigenvalues, which the iteration multiplies by about `a^2` per step until they overflow.
     """
     wide = x.dtype if x.dtype in (xp.float32, getattr(xp, "float64", None)) else xp.float32
     eye = xp.eye(x.shape[-2], dtype=wide)
-    gram = xp.astype(x @ _matrix_transpose(x, xp), wide)
+    wide_x = xp.astype(x, wide)
+    gram = wide_x @ _matrix_transpose(wide_x, xp)
     q = None
     last = len(schedule.coefficients) - 1
     for i, (a, b, c) in enumerate(schedule.coefficients):

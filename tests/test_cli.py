@@ -193,3 +193,18 @@ def test_console_script_module_runs():
     result = subprocess.run([sys.executable, "-m", "muon_cli.main", "plan", "gpt2"],
                             capture_output=True, text=True, check=True)
     assert "h.11.mlp.proj.weight" in result.stdout
+
+
+def test_bench_clock_choice_is_checked_and_used():
+    from muon_cli import benchtools
+
+    with pytest.raises(ValueError, match=r"clock='gpu' is invalid: expected one of"):
+        benchtools.set_clock("gpu")
+    try:
+        benchtools.set_clock("cpu")
+        assert benchtools.clock_name() == "cpu"
+        assert "cpu clock" in bench_cmd.machine_header(rounds=1, threads=1)
+        times = benchtools.interleaved_times({"a": lambda: sum(range(1000))}, rounds=2)
+        assert times["a"] >= 0
+    finally:
+        benchtools.set_clock("wall")

@@ -7,6 +7,8 @@ import muon_core
 from muon_core import ns_schedule, orthogonalize
 from muon_core._ns import POLAR_EXPRESS_RAW, QUINTIC
 
+from muon_cli.benchtools import peer_schedule
+
 NAMESPACES = ["numpy", "array_api_strict"]
 
 
@@ -143,11 +145,11 @@ def test_bad_input_errors_name_the_problem():
 
 def test_peer_schedule_refuses_what_a_peer_cannot_run():
     config = muon_core.MuonConfig(ns_coefficients="keller", momentum_kind="sum")
-    assert muon_core.peer_schedule(config, "peer", {}) == muon_core.ns_schedule("keller", 5)
+    assert peer_schedule(config, "peer", {}) == muon_core.ns_schedule("keller", 5)
     with pytest.raises(ValueError, match=r"momentum_kind='sum': peer only has \['ema'\]"):
-        muon_core.peer_schedule(config, "peer", {"momentum_kind": ("ema",)})
+        peer_schedule(config, "peer", {"momentum_kind": ("ema",)})
     with pytest.raises(ValueError, match=r"ns_coefficients='quintic': peer takes one"):
-        muon_core.peer_schedule(config.replace(ns_coefficients="quintic"), "peer", {})
+        peer_schedule(config.replace(ns_coefficients="quintic"), "peer", {})
 
 
 # The rule as docs/algorithm.md states it: bfloat16 on TPUs, CUDA >= 8.0 and CPUs whose

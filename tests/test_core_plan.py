@@ -4,7 +4,9 @@ import math
 
 import pytest
 
-from muon_core import MuonConfig, Rule, gpt2_shapes, lr_scale, plan
+from muon_core import MuonConfig, Rule, lr_scale, plan
+
+from muon_cli.benchtools import gpt2_shapes
 
 
 def small_gpt(layout="out_in", d=64, vocab=100, n_layer=2):

@@ -69,12 +69,15 @@ def _normalised(x: torch.Tensor, schedule: NSSchedule, eps: float) -> torch.Tens
 def _iterate_gram(x: torch.Tensor, schedule: NSSchedule, eps: float, out: torch.Tensor) -> None:
     """Gram Newton-Schulz (`muon_core`'s `_gram_iterations`) on a batch (b, m, n), m <= n.
 
-    Iterates `Q <- P Q` and `A <- (a A + b A^2 + c A^3) P` on m x m matrices in at least
-    float32, then writes `Q X` into `out`.
+    Forms `A = X X^T` and iterates `Q <- P Q` and `A <- (a A + b A^2 + c A^3) P` on m x m
+    matrices in at least float32, then writes `Q X` (in `x.dtype`) into `out`.
     """
     current = _normalised(x, schedule, eps)
     wide = torch.promote_types(x.dtype, torch.float32)
-    gram = torch.bmm(current, current.mT).to(wide)
+    # A rounded to bfloat16 is no longer positive semidefinite: its spurious negative eigenvalues
+    # grow by a^2 per step (about 12 for keller) and overflow, so A is formed in `wide` too.
+    wide_x = current.to(wide)
+    gram = torch.bmm(wide_x, wide_x.mT)
     square, poly, cube = torch.empty_like(gram), torch.empty_like(gram), torch.empty_like(gram)
     q, spare = torch.empty_like(gram), torch.empty_like(gram)
     last = len(schedule.coefficients) - 1
