@@ -117,15 +117,6 @@ def _plain_contenders(shape: tuple[int, int], algorithm: str,
             "peer": lambda: muon_core.orthogonalize(x)}
 
 
-def gemm_rate(dtype: torch.dtype = torch.float32, size: tuple[int, int] = (768, 3072),
-              rounds: int = 5) -> float:
-    """FLOP/s of torch's GEMM `(m x m) @ (m x n)` in `dtype`, median of `rounds` calls."""
-    m, n = size
-    a, b = torch.randn(m, m).to(dtype), torch.randn(m, n).to(dtype)
-    seconds = interleaved_times({"mm": lambda: a @ b}, rounds=rounds, warmup=1)["mm"]
-    return 2 * m * m * n / seconds
-
-
 def bf16_is_native() -> bool:
     """Whether `ns_dtype="auto"` picks bfloat16 on this CPU (else bf16 rows are left out)."""
     return muon_core.auto_ns_dtype(device_facts(torch.device("cpu")))[0] == "bfloat16"
