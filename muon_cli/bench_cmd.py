@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 from muon_core._registry import INSTALL_HINTS
 
+from muon_cli.benchtools import clock_name
+
 BENCH_MODULES = {"torch": "muon_torch.bench", "jax": "muon_jax.bench"}
 
 
@@ -34,8 +36,25 @@ def machine_header(rounds: int, threads: int) -> str:
             versions.append(f"{name} {importlib.import_module(name).__version__}")
         except ImportError:
             continue
-    return (f"{datetime.date.today().isoformat()}, {_cpu_name()} ({os.cpu_count()} cores), "
-            f"{', '.join(versions)}; {threads} thread(s), median of {rounds} interleaved rounds")
+    return (f"{datetime.date.today().isoformat()}, {_cpu_name()} ({os.cpu_count()} cores, "
+            f"{cpu_capability()}), {', '.join(versions)}; {threads} thread(s), median of "
+            f"{rounds} interleaved rounds, {clock_name()} clock")
+
+
+def cpu_capability() -> str:
+    """torch's CPU capability, the bf16 flags of the CPU and what `ns_dtype="auto"` picks here."""
+    import muon_core
+
+    flags = sorted(set(muon_core.host_cpu_flags()) & set(muon_core._ns.BF16_CPU_FLAGS))
+    try:
+        import torch
+    except ImportError:
+        capability = None
+    else:
+        capability = torch.backends.cpu.get_cpu_capability()
+    facts = muon_core.DeviceFacts("cpu", cpu_capability=capability, cpu_flags=frozenset(flags))
+    return (f"capability {capability or 'not reported'}, bf16 flags: {', '.join(flags) or 'none'}"
+            f", ns_dtype auto = {muon_core.auto_ns_dtype(facts)[0]}")
 
 
 def _cpu_name() -> str:

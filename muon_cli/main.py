@@ -40,7 +40,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from muon_cli.bench_cmd import collect, format_rows, machine_header
+    from muon_cli.benchtools import set_clock
 
+    set_clock(args.clock)
     backends = ["torch", "jax"] if args.backend == "all" else [args.backend]
     rows, notes = collect(backends, args.rounds, args.threads)
     if rows:
@@ -95,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--backend", choices=("all", "torch", "jax"), default="all")
     bench.add_argument("--rounds", type=_positive_int, default=5)
     bench.add_argument("--threads", type=_positive_int, default=1)
+    bench.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                       help="wall: elapsed time; cpu: the process's CPU time (steadier when "
+                            "other jobs share the cores)")
 
     conformance = sub.add_parser("conformance", help="run the conformance suite on a backend",
                                  description="Run the conformance suite; extra arguments go "

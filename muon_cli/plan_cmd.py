@@ -12,7 +12,9 @@ from typing import Any
 import muon_core
 from muon_core import MuonConfig, Plan
 
-SHAPE_MODELS = {"gpt2": muon_core.gpt2_shapes}
+from muon_cli.benchtools import gpt2_shapes
+
+SHAPE_MODELS = {"gpt2": gpt2_shapes}
 TORCH_MODELS = ("mlp", "cnn", "gpt-small")
 
 

@@ -6,13 +6,12 @@ on any Array API array, and the reference step every backend is checked against.
 
 from muon_core._architectures import name_kind, qkv_kind
 from muon_core._config import AdamWConfig, MuonConfig, Rule
-from muon_core._ns import NSSchedule, ns_schedule, orthogonalize, resolve_dtype
+from muon_core._ns import (DeviceFacts, NSSchedule, auto_ns_dtype, describe_ns_dtype,
+                           host_cpu_flags, ns_schedule, orthogonalize, resolve_dtype)
 from muon_core._owners import OwnerTable, assign_owners, ns_flops, param_ns_flops, total_ns_flops
 from muon_core._plan import ParamPlan, Plan, lr_scale, plan
 from muon_core._qk_clip import QKClipConfig, QKRule, max_logits, qk_clip, qk_clip_scales
 from muon_core._registry import available_backends, load_backend
-from muon_core._shapes import gpt2_shapes
-from muon_core._timing import interleaved_times, peer_schedule
 from muon_core._reference import (
     check_gradients,
     decay_factor,
@@ -31,6 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdamWConfig",
+    "DeviceFacts",
     "MuonConfig",
     "NSSchedule",
     "OwnerTable",
@@ -40,13 +40,14 @@ __all__ = [
     "QKRule",
     "Rule",
     "assign_owners",
+    "auto_ns_dtype",
     "available_backends",
     "check_gradients",
     "decay_factor",
+    "describe_ns_dtype",
     "from_matrices",
-    "gpt2_shapes",
+    "host_cpu_flags",
     "init_state",
-    "interleaved_times",
     "load_backend",
     "lr_scale",
     "max_logits",
@@ -59,7 +60,6 @@ __all__ = [
     "ns_schedule",
     "orthogonalize",
     "param_ns_flops",
-    "peer_schedule",
     "plan",
     "qk_clip",
     "qk_clip_scales",

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from muon_core._ns import NS_DTYPES, normalise_coefficients, ns_schedule
+from muon_core._ns import NS_ALGORITHMS, NS_DTYPES, normalise_coefficients, ns_schedule
 from muon_core._toml import dumps_toml
 
 ALGORITHMS = ("muon", "adamw")
@@ -161,7 +161,10 @@ class Rule:
 class MuonConfig:
     """Every hyper-parameter of the optimizer: Muon for hidden matrices, AdamW for the rest.
 
-    Defaults match `torch.optim.Muon`. Names follow torch.optim where it has one.
+    Defaults match `torch.optim.Muon` except `ns_dtype`: "auto" computes Newton-Schulz in
+    bfloat16 only where the device multiplies bfloat16 matrices natively (`auto_ns_dtype`),
+    float32 elsewhere, where torch.optim.Muon always uses bfloat16. Names follow torch.optim
+    where it has one.
     """
 
     lr: float = 1e-3
@@ -172,7 +175,8 @@ class MuonConfig:
     ns_steps: int = 5
     ns_coefficients: Any = "keller"
     eps: float = 1e-7
-    ns_dtype: str = "bfloat16"
+    ns_dtype: str = "auto"
+    ns_algorithm: str = "gram"
     lr_scaling: str = "original"
     split_qkv: bool = True
     nonfinite: str = "raise"
@@ -196,6 +200,7 @@ class MuonConfig:
             _fail("ns_steps", self.ns_steps, "an int in [1, 100]")
         _check_choice("momentum_kind", self.momentum_kind, MOMENTUM_KINDS)
         _check_choice("ns_dtype", self.ns_dtype, NS_DTYPES)
+        _check_choice("ns_algorithm", self.ns_algorithm, NS_ALGORITHMS)
         _check_choice("lr_scaling", self.lr_scaling, LR_SCALINGS)
         _check_choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
         object.__setattr__(self, "ns_coefficients", normalise_coefficients(self.ns_coefficients))

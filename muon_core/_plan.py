@@ -280,6 +280,8 @@ class Plan:
 
     entries: tuple[ParamPlan, ...]
     config: MuonConfig
+    # The backend's `describe_ns_dtype` for its device: shown, not part of the decision.
+    ns_dtype_note: str | None = dataclasses.field(default=None, compare=False)
 
     def __iter__(self) -> Iterator[ParamPlan]:
         return iter(self.entries)
@@ -327,7 +329,8 @@ class Plan:
         n_muon = sum(math.prod(e.shape) for e in self.muon)
         total = n_muon + sum(math.prod(e.shape) for e in self.adamw)
         lines.append(f"{len(self.muon)} of {len(self)} tensors ({n_muon:,} of {total:,} "
-                     f"values) use Muon; lr_scaling={self.config.lr_scaling!r}")
+                     f"values) use Muon; lr_scaling={self.config.lr_scaling!r}; "
+                     f"{self.ns_dtype_note or f'ns_dtype={self.config.ns_dtype!r}'}")
         lines += [f"! {e.name}: {flag}" for e in self.entries for flag in e.flags]
         return "\n".join(lines)
 

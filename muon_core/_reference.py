@@ -128,7 +128,7 @@ def from_matrices(m: Any, entry: ParamPlan, *, xp: Any = None) -> Any:
 def muon_update(direction: Any, entry: ParamPlan, config: MuonConfig) -> Any:
     """Orthogonalize each block of the matrix view and multiply by its LR scale."""
     xp = array_namespace(direction)
-    schedule = ns_schedule(config.ns_coefficients, config.ns_steps)
+    schedule = ns_schedule(config.ns_coefficients, config.ns_steps, config.ns_algorithm)
     work = to_matrices(xp.astype(direction, resolve_dtype(config.ns_dtype, xp)), entry, xp=xp)
     pieces = []
     for start, rows, scale in zip(entry.block_offsets, entry.blocks, entry.lr_scales):

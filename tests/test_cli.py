@@ -214,3 +214,18 @@ def test_plan_reads_hugging_face_names_and_flags_shape_only_heads(tmp_path, caps
     assert _row(out, "gpt_neox.layers.0.attention.query_key_value.weight")[3] == "2304x768"
     assert "! gpt_neox.layers.0.attention.query_key_value.weight: fused Q/K/V left whole" in out
     assert "! decoder.proj.weight: 50257x768 matrix routed to Muon by shape alone" in out
+
+
+def test_bench_clock_choice_is_checked_and_used():
+    from muon_cli import benchtools
+
+    with pytest.raises(ValueError, match=r"clock='gpu' is invalid: expected one of"):
+        benchtools.set_clock("gpu")
+    try:
+        benchtools.set_clock("cpu")
+        assert benchtools.clock_name() == "cpu"
+        assert "cpu clock" in bench_cmd.machine_header(rounds=1, threads=1)
+        times = benchtools.interleaved_times({"a": lambda: sum(range(1000))}, rounds=2)
+        assert times["a"] >= 0
+    finally:
+        benchtools.set_clock("wall")

@@ -18,6 +18,9 @@ def test_defaults_match_torch_optim_muon():
     assert ns_schedule(cfg.ns_coefficients, 1).coefficients[0] == \
         signature["ns_coefficients"].default
     assert cfg.lr_scaling == "original" and cfg.momentum_kind == "ema"
+    # The one deliberate difference: torch.optim.Muon always orthogonalizes in bfloat16
+    # (it has no dtype argument); MuonConfig picks per device ("auto").
+    assert "ns_dtype" not in signature and cfg.ns_dtype == "auto"
 
 
 @pytest.mark.parametrize("key, value, fragment", [

@@ -7,6 +7,8 @@ import muon_core
 from muon_core import ns_schedule, orthogonalize
 from muon_core._ns import POLAR_EXPRESS_RAW, QUINTIC
 
+from muon_cli.benchtools import peer_schedule
+
 NAMESPACES = ["numpy", "array_api_strict"]
 
 
@@ -136,14 +138,79 @@ def test_bad_input_errors_name_the_problem():
         orthogonalize(np.ones((3, 3)), steps=0)
     with pytest.raises(ValueError, match="ns_coefficients='fast'"):
         orthogonalize(np.ones((3, 3)), coefficients="fast")
-    with pytest.raises(ValueError, match=r"dtype='int64' is invalid: expected one of \['bfloat16'"):
+    with pytest.raises(ValueError,
+                       match=r"dtype='int64' is invalid: expected one of \['auto', 'bfloat16'"):
         orthogonalize(np.ones((3, 3)), dtype="int64")
 
 
 def test_peer_schedule_refuses_what_a_peer_cannot_run():
     config = muon_core.MuonConfig(ns_coefficients="keller", momentum_kind="sum")
-    assert muon_core.peer_schedule(config, "peer", {}) == muon_core.ns_schedule("keller", 5)
+    assert peer_schedule(config, "peer", {}) == muon_core.ns_schedule("keller", 5)
     with pytest.raises(ValueError, match=r"momentum_kind='sum': peer only has \['ema'\]"):
-        muon_core.peer_schedule(config, "peer", {"momentum_kind": ("ema",)})
+        peer_schedule(config, "peer", {"momentum_kind": ("ema",)})
     with pytest.raises(ValueError, match=r"ns_coefficients='quintic': peer takes one"):
-        muon_core.peer_schedule(config.replace(ns_coefficients="quintic"), "peer", {})
+        peer_schedule(config.replace(ns_coefficients="quintic"), "peer", {})
+
+
+# The rule as docs/algorithm.md states it: bfloat16 on TPUs, CUDA >= 8.0 and CPUs whose
+# kernels use AVX512-BF16 or AMX; float32 elsewhere.
+@pytest.mark.parametrize("facts, expected", [
+    (muon_core.DeviceFacts("tpu"), "bfloat16"),
+    (muon_core.DeviceFacts("cuda", cuda_capability=(8, 0)), "bfloat16"),
+    (muon_core.DeviceFacts("cuda", cuda_capability=(9, 0)), "bfloat16"),
+    (muon_core.DeviceFacts("cuda", cuda_capability=(7, 5)), "float32"),
+    (muon_core.DeviceFacts("cuda"), "float32"),
+    (muon_core.DeviceFacts("cpu", cpu_capability="AVX512",
+                           cpu_flags=frozenset({"avx512f", "avx512_bf16"})), "bfloat16"),
+    (muon_core.DeviceFacts("cpu", cpu_capability="AVX512",
+                           cpu_flags=frozenset({"amx_bf16"})), "bfloat16"),
+    (muon_core.DeviceFacts("cpu", cpu_flags=frozenset({"avx512_bf16"})), "bfloat16"),
+    (muon_core.DeviceFacts("cpu", cpu_capability="AVX512", cpu_flags=frozenset({"avx512f"})),
+     "float32"),
+    (muon_core.DeviceFacts("cpu", cpu_capability="AVX2", cpu_flags=frozenset({"avx2"})),
+     "float32"),
+    (muon_core.DeviceFacts("cpu", cpu_capability="AVX2", cpu_flags=frozenset({"amx_bf16"})),
+     "float32"),
+    (muon_core.DeviceFacts("mps"), "float32"),
+    (None, "float32"),
+])
+def test_auto_ns_dtype_follows_the_documented_rule(facts, expected):
+    dtype, reason = muon_core.auto_ns_dtype(facts)
+    assert dtype == expected and reason
+    assert muon_core.resolve_dtype("auto", np, facts=facts) == np.float32  # numpy: no bf16
+
+
+def test_host_cpu_flags_reads_x86_and_arm_cpuinfo(tmp_path):
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16\n\nprocessor\t: 1\n")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16\n")
+    assert muon_core.host_cpu_flags(str(x86)) == {"fpu", "avx2", "avx512_bf16"}
+    assert muon_core.host_cpu_flags(str(arm)) == {"fp", "asimd", "bf16"}
+    assert muon_core.host_cpu_flags(str(tmp_path / "missing")) == frozenset()
+
+
+def test_describe_ns_dtype_names_the_choice_and_its_reason():
+    facts = muon_core.DeviceFacts("cuda", cuda_capability=(7, 0))
+    assert muon_core.describe_ns_dtype("auto", facts) == \
+        "Newton-Schulz in float32 (ns_dtype='auto': CUDA compute capability 7.0 < 8.0)"
+    assert muon_core.describe_ns_dtype("bfloat16", facts) == "Newton-Schulz in bfloat16"
+
+
+@pytest.mark.parametrize("shape", [(6, 20), (20, 6), (2, 8, 12), (9, 9), (8, 11)])
+@pytest.mark.parametrize("coefficients", ["keller", "polar_express", "quintic"])
+def test_gram_newton_schulz_is_the_same_polynomial_in_float64(shape, coefficients):
+    g = np.random.default_rng(11).standard_normal(shape)
+    gram = orthogonalize(g, coefficients=coefficients, algorithm="gram")
+    np.testing.assert_allclose(gram, orthogonalize(g, coefficients=coefficients), atol=1e-12)
+
+
+def test_gram_applies_only_to_rectangular_enough_blocks():
+    schedule = ns_schedule("keller", 5, "gram")
+    assert muon_core._ns.uses_gram(schedule, 8, 12) and muon_core._ns.uses_gram(schedule, 12, 8)
+    assert not muon_core._ns.uses_gram(schedule, 8, 11)
+    assert not muon_core._ns.uses_gram(ns_schedule("keller", 5), 8, 32)
+    with pytest.raises(ValueError, match=r"ns_algorithm='fast' is invalid: expected one of"):
+        ns_schedule("keller", 5, "fast")
+    with pytest.raises(ValueError, match=r"ns_algorithm='fast' is invalid"):
+        muon_core.MuonConfig(ns_algorithm="fast")

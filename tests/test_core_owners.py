@@ -5,7 +5,9 @@ import itertools
 import pytest
 
 import muon_core
-from muon_core import MuonConfig, assign_owners, gpt2_shapes, ns_flops, plan
+from muon_core import MuonConfig, assign_owners, ns_flops, plan
+
+from muon_cli.benchtools import gpt2_shapes
 
 
 def test_ns_flops_counts_the_three_products_of_each_iteration():

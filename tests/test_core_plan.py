@@ -5,7 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from muon_core import MuonConfig, Rule, from_matrices, gpt2_shapes, lr_scale, plan, to_matrices
+from muon_core import MuonConfig, Rule, from_matrices, lr_scale, plan, to_matrices
+
+from muon_cli.benchtools import gpt2_shapes
 
 
 def small_gpt(layout="out_in", d=64, vocab=100, n_layer=2):

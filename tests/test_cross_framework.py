@@ -20,7 +20,10 @@ from muon_core import MuonConfig  # noqa: E402
 pytestmark = [pytest.mark.jax, pytest.mark.torch]
 
 VOCAB, WIDTH, HIDDEN, CLASSES, BATCH, STEPS = 24, 16, 32, 6, 32, 50
-CONFIG = MuonConfig(lr=0.02, weight_decay=0.01, ns_dtype="float32",
+# The standard iteration: the Gram form's float32 round-off differs between MKL and XLA by up to
+# 3e-5 after 50 steps (measured), past this test's tolerance; the conformance suite checks the
+# Gram form of each backend against the float64 reference.
+CONFIG = MuonConfig(lr=0.02, weight_decay=0.01, ns_dtype="float32", ns_algorithm="standard",
                     adamw=dict(lr=3e-3, weight_decay=0.01))
 # torch name -> (flax-style path, whether the torch tensor is a transposed Linear weight)
 LAYERS = {

@@ -6,13 +6,13 @@ import pytest
 jax = pytest.importorskip("jax")
 optax = pytest.importorskip("optax")
 
-import muon_core  # noqa: E402
+from muon_cli.benchtools import gpt2_shapes  # noqa: E402
 import muon_jax  # noqa: E402
 from muon_jax import bench  # noqa: E402
 
 pytestmark = pytest.mark.jax
 
-TINY = muon_core.gpt2_shapes(n_layer=1, d_model=16, vocab=40, context=8)
+TINY = gpt2_shapes(n_layer=1, d_model=16, vocab=40, context=8)
 
 
 def test_in_out_shapes_transpose_matrices_only():
@@ -38,8 +38,8 @@ def test_peer_routes_the_same_leaves_as_ours():
 def test_compare_rows():
     rows = bench.compare_on(TINY, rounds=1, threads=None)
     assert [r["what"] for r in rows] == [
-        "jitted update, fp32 NS, same settings", "jitted update, bf16 NS (our default) vs fp32",
-        "jitted update, fp32 NS, our default QKV split"]
+        "jitted update, fp32 NS, same settings", "jitted update, fp32 NS, gram",
+        "jitted update, bf16 NS vs fp32", "jitted update, fp32 NS, our defaults (QKV split, gram)"]
     for row in rows:
         assert row["peer"] == "optax.contrib.muon"
         assert row["ours_s"] > 0 and row["peer_s"] > 0

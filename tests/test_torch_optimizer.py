@@ -10,6 +10,7 @@ torch = pytest.importorskip("torch")
 import muon_core  # noqa: E402
 from muon_core import MuonConfig, Rule  # noqa: E402
 from muon_torch import Muon, module_kinds  # noqa: E402
+from muon_torch._newton_schulz import device_facts  # noqa: E402
 from torch import nn  # noqa: E402
 from torch_helpers import named_params, one_thread, set_grads  # noqa: E402, F401
 
@@ -261,17 +262,28 @@ def test_state_is_in_torch_format():
             assert state[index]["step"].item() == 1.0
 
 
-def test_bfloat16_ns_is_default_and_float32_selectable():
+def test_auto_ns_dtype_is_default_and_each_dtype_selectable():
     results = {}
-    for ns_dtype in ("bfloat16", "float32"):
+    for ns_dtype in ("bfloat16", "float32", "auto"):
         params = named_params({"w": (16, 24)})
         opt = Muon(params, ns_dtype=ns_dtype, lr=0.1, weight_decay=0.0)
         set_grads(params, seed=3)
         opt.step()
         results[ns_dtype] = params[0][1].detach()
-    assert Muon(named_params({"w": (3, 3)})).param_groups[0]["ns_dtype"] == "bfloat16"
+    assert Muon(named_params({"w": (3, 3)})).param_groups[0]["ns_dtype"] == "auto"
     diff = (results["bfloat16"] - results["float32"]).abs().max().item()
     assert 0 < diff < 0.1 * 0.1  # bf16 rounding of an update of size lr * O(1)
+    # "auto" is exactly the dtype the core's rule picks for this CPU's reported facts
+    chosen, _ = muon_core.auto_ns_dtype(device_facts(torch.device("cpu")))
+    assert torch.equal(results["auto"], results[chosen])
+
+
+def test_plan_footer_shows_the_ns_dtype_auto_picks():
+    plan_text = str(Muon(named_params({"w": (3, 3)})).plan)
+    chosen, reason = muon_core.auto_ns_dtype(device_facts(torch.device("cpu")))
+    assert f"Newton-Schulz in {chosen} (ns_dtype='auto': {reason})" in plan_text
+    assert str(Muon(named_params({"w": (3, 3)}), ns_dtype="float32").plan).endswith(
+        "; Newton-Schulz in float32")
 
 
 # -- state_dict, schedulers, compile -----------------------------------------------------------

@@ -23,8 +23,9 @@ def _relative_error(ours, peer):
 @pytest.mark.parametrize("nesterov", [True, False])
 @pytest.mark.parametrize("lr_scaling", ["original", "match_rms_adamw"])
 def test_one_step_from_the_same_state_matches_torch_muon(nesterov, lr_scaling):
+    # torch.optim.Muon has only bf16 and the standard iteration
     config = MuonConfig(lr=0.02, weight_decay=0.1, momentum=0.9, nesterov=nesterov,
-                        lr_scaling=lr_scaling)
+                        lr_scaling=lr_scaling, ns_dtype="bfloat16", ns_algorithm="standard")
     ours_params, peer_params = named_params(SHAPES), named_params(SHAPES)
     ours, peer = Muon(ours_params, config), peer_optimizers(dict(peer_params), config)["muon"]
     generator = torch.Generator().manual_seed(5)
@@ -47,7 +48,7 @@ def test_one_step_from_the_same_state_matches_torch_muon(nesterov, lr_scaling):
 
 def test_adamw_half_matches_torch_adamw():
     shapes = {"embed.weight": (20, 8), "bias": (8,), "norm.weight": (8,)}
-    config = MuonConfig(adamw={"lr": 1e-2, "betas": (0.8, 0.9), "eps": 1e-6,
+    config = MuonConfig(ns_dtype="bfloat16", adamw={"lr": 1e-2, "betas": (0.8, 0.9), "eps": 1e-6,
                                "weight_decay": 0.05})
     ours_params, peer_params = named_params(shapes), named_params(shapes)
     ours, peer = Muon(ours_params, config), peer_optimizers(dict(peer_params), config)["adamw"]
@@ -91,7 +92,8 @@ def _loss_curve(make_optimizers, perturbation=0.0, steps=60):
 
 
 def test_loss_curves_agree_with_torch_muon_within_noise():
-    config = MuonConfig(lr=0.02, momentum=0.95, adamw={"lr": 3e-3, "weight_decay": 0.0})
+    config = MuonConfig(lr=0.02, momentum=0.95, ns_dtype="bfloat16",
+                        adamw={"lr": 3e-3, "weight_decay": 0.0})
 
     def peer(model):
         routing = Muon.for_model(model, config).plan  # the same routing; it never steps

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Sequence
 from typing import Any
@@ -10,15 +11,31 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from muon_core import NSSchedule, ns_schedule, resolve_dtype
+import muon_core
+from muon_core import DeviceFacts, NSSchedule, ns_schedule, resolve_dtype
+from muon_core._ns import uses_gram
+
+
+@functools.cache
+def device_facts() -> DeviceFacts:
+    """What `ns_dtype="auto"` needs to know about JAX's default device."""
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        return DeviceFacts("cpu", cpu_flags=muon_core.host_cpu_flags())
+    capability = getattr(device, "compute_capability", None)
+    if device.platform in ("gpu", "cuda") and capability:
+        major, minor = str(capability).split(".")[:2]
+        return DeviceFacts("cuda", cuda_capability=(int(major), int(minor)))
+    return DeviceFacts(device.platform)
 
 
 def ns_dtype(name: str) -> Any:
-    """The jnp dtype for a config's `ns_dtype`; float64 needs `jax_enable_x64`."""
+    """The jnp dtype for a config's `ns_dtype` ("auto": decided for JAX's default device);
+    float64 needs `jax_enable_x64`."""
     if name == "float64" and not jax.config.jax_enable_x64:
         raise ValueError("ns_dtype='float64' needs jax.config.update('jax_enable_x64', True); "
                          "without it JAX silently computes in float32")
-    return resolve_dtype(name, jnp)
+    return resolve_dtype(name, jnp, facts=device_facts() if name == "auto" else None)
 
 
 def _newton_schulz(x: jax.Array, schedule: NSSchedule, eps: float) -> jax.Array:
@@ -37,6 +54,9 @@ def _newton_schulz(x: jax.Array, schedule: NSSchedule, eps: float) -> jax.Array:
     wide = x.astype(acc)
     norm = jnp.sqrt(jnp.sum(wide * wide, axis=(-2, -1), keepdims=True)) * schedule.norm_scale
     x = (wide / jnp.maximum(norm, eps)).astype(x.dtype)
+    if uses_gram(schedule, x.shape[-2], x.shape[-1]):
+        return matmul(_gram_iterations(matmul(x, x.mT), schedule).astype(x.dtype), x).astype(
+            x.dtype)
 
     def iteration(x: jax.Array, abc: jax.Array) -> tuple[jax.Array, None]:
         a, b, c = abc[0], abc[1], abc[2]
@@ -47,6 +67,25 @@ def _newton_schulz(x: jax.Array, schedule: NSSchedule, eps: float) -> jax.Array:
 
     x, _ = lax.scan(iteration, x, jnp.asarray(schedule.coefficients, dtype=acc))
     return x
+
+
+def _gram_iterations(gram: jax.Array, schedule: NSSchedule) -> jax.Array:
+    """The m x m part of Gram Newton-Schulz (see `muon_core`): `Q` from `A = X X^T` (in
+    float32 or wider, at the highest matmul precision)."""
+
+    def matmul(p: jax.Array, q: jax.Array) -> jax.Array:
+        return jnp.matmul(p, q, precision=lax.Precision.HIGHEST)
+
+    eye = jnp.eye(gram.shape[-1], dtype=gram.dtype)
+    q = None
+    last = len(schedule.coefficients) - 1
+    for i, (a, b, c) in enumerate(schedule.coefficients):
+        square = matmul(gram, gram)
+        poly = a * eye + b * gram + c * square
+        q = poly if q is None else matmul(poly, q)
+        if i < last:
+            gram = matmul(a * gram + b * square + c * matmul(gram, square), poly)
+    return q
 
 
 def orthogonalize_batch(blocks: Sequence[jax.Array], schedule: NSSchedule, eps: float,
@@ -72,11 +111,12 @@ def orthogonalize_batch(blocks: Sequence[jax.Array], schedule: NSSchedule, eps: 
 
 
 def orthogonalize(G: jax.Array, steps: int = 5, coefficients: Any = "keller", eps: float = 1e-7,
-                  dtype: str | None = None) -> jax.Array:
+                  dtype: str | None = None, algorithm: str = "standard") -> jax.Array:
     """`muon_core.orthogonalize` in jax.numpy: the approximate polar factor of `G` (..., m, n).
 
     `dtype` names the working precision ("bfloat16", "float32", "float64"; default: the
-    input's); the result has the input's dtype. Jittable; the schedule is static.
+    input's); the result has the input's dtype; `algorithm` as in the core. Jittable; the
+    schedule is static.
     """
     G = jnp.asarray(G)
     if G.ndim < 2:
@@ -87,5 +127,5 @@ def orthogonalize(G: jax.Array, steps: int = 5, coefficients: Any = "keller", ep
     work = G.dtype if dtype is None else ns_dtype(dtype)
     tall = G.shape[-2] > G.shape[-1]
     x = G.astype(work).mT if tall else G.astype(work)
-    x = _newton_schulz(x, ns_schedule(coefficients, steps), eps)
+    x = _newton_schulz(x, ns_schedule(coefficients, steps, algorithm), eps)
     return (x.mT if tall else x).astype(G.dtype)

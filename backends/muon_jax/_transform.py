@@ -91,7 +91,8 @@ def _muon_directions(grads: Mapping[str, Any], bufs: Mapping[str, Any],
     shardings = {e.name: explicit_sharding(grads[e.name]) for e in entries}
     blocks = [_to_blocks(whole(stepped[e.name][0]), e) for e in entries]
     flat = orthogonalize_batch([b for leaf in blocks for b in leaf],
-                               ns_schedule(config.ns_coefficients, config.ns_steps),
+                               ns_schedule(config.ns_coefficients, config.ns_steps,
+                                           config.ns_algorithm),
                                config.eps, ns_dtype(config.ns_dtype))
     directions, start = {}, 0
     for entry, leaf in zip(entries, blocks):

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import muon_core
 import numpy as np
 import optax
+from muon_cli.benchtools import gpt2_shapes, interleaved_times, peer_schedule
 from muon_core import MuonConfig
 
 from muon_jax._plan import plan_for
@@ -25,7 +26,7 @@ PEER_CHOICES = {"momentum_kind": ("ema",), "ns_dtype": ("float32",), "split_qkv"
 # (optax runs NS in the parameters' dtype), no QKV split (optax orthogonalizes whole matrices).
 SETTINGS = MuonConfig(lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True,
                       ns_coefficients="keller", ns_steps=5, eps=1e-7, ns_dtype="float32",
-                      lr_scaling="original", split_qkv=False,
+                      ns_algorithm="standard", lr_scaling="original", split_qkv=False,
                       adamw=dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1))
 
 
@@ -55,7 +56,7 @@ def peer_transform(params: Mapping[str, jax.Array],
     """optax.contrib.muon at `config`'s settings (refused where it cannot express them), sending
     exactly the leaves our plan routes to Muon there (through `muon_weight_dimension_numbers`,
     None for the AdamW leaves)."""
-    schedule = muon_core.peer_schedule(config, PEER, PEER_CHOICES)
+    schedule = peer_schedule(config, PEER, PEER_CHOICES)
     dims = {e.name: optax.contrib.MuonDimensionNumbers(reduction_axis=0, output_axis=1)
             if e.is_muon else None for e in plan_for(params, config)}
     beta1, beta2 = config.adamw.betas
@@ -93,9 +94,11 @@ def compare_on(shapes: Mapping[str, tuple[int, ...]], rounds: int = 5,
     params, grads = _random(flax_shapes, 0), _random(flax_shapes, 1)
     peer = _timed_update(peer_transform(params, SETTINGS), params, grads)
     rows = [("jitted update, fp32 NS, same settings", SETTINGS),
-            ("jitted update, bf16 NS (our default) vs fp32", SETTINGS.replace(ns_dtype="bfloat16")),
-            ("jitted update, fp32 NS, our default QKV split", SETTINGS.replace(split_qkv=True))]
-    return [_row(what, muon_core.interleaved_times(
+            ("jitted update, fp32 NS, gram", SETTINGS.replace(ns_algorithm="gram")),
+            ("jitted update, bf16 NS vs fp32", SETTINGS.replace(ns_dtype="bfloat16")),
+            ("jitted update, fp32 NS, our defaults (QKV split, gram)",
+             SETTINGS.replace(split_qkv=True, ns_algorithm="gram"))]
+    return [_row(what, interleaved_times(
                 {"ours": _timed_update(muon(config), params, grads), "peer": peer},
                 rounds=rounds, warmup=1))
             for what, config in rows]
@@ -105,4 +108,4 @@ def compare(rounds: int = 5, threads: int = 1) -> list[dict]:
     """Median seconds of our jitted update and of optax.contrib.muon's on GPT-2 small
     (`gpt2_shapes()` in flax layout), one dict per measurement:
     {"what", "ours_s", "peer_s", "ratio" (ours / peer), "peer"}."""
-    return compare_on(muon_core.gpt2_shapes(), rounds, threads)
+    return compare_on(gpt2_shapes(), rounds, threads)

@@ -2,14 +2,43 @@
 
 from __future__ import annotations
 
+import muon_core
 import torch
-from muon_core import NSSchedule
+from muon_core import DeviceFacts, NSSchedule
+from muon_core._ns import uses_gram
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 # On CPU the stack is walked in chunks of at most this many values per matrix group: measured
 # here, torch's GEMMs on one 768x768 or 768x3072 matrix at a time (scratch reused from the heap,
 # kept in cache) beat one batched GEMM over a dozen of them by about 8 %.
 CPU_CHUNK_VALUES = 2**19
+
+
+# Facts per device, read once per process (a plain dict, which torch.compile reads as a constant).
+_FACTS: dict[torch.device, DeviceFacts] = {}
+
+
+def device_facts(device: torch.device) -> DeviceFacts:
+    """What `ns_dtype="auto"` needs to know about `device` (see `muon_core.auto_ns_dtype`)."""
+    device = torch.device(device)
+    if device not in _FACTS:
+        _FACTS[device] = _read_facts(device)
+    return _FACTS[device]
+
+
+def _read_facts(device: torch.device) -> DeviceFacts:
+    if device.type == "cuda":
+        return DeviceFacts("cuda", cuda_capability=torch.cuda.get_device_capability(device))
+    if device.type == "cpu":
+        return DeviceFacts("cpu", cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                           cpu_flags=muon_core.host_cpu_flags())
+    return DeviceFacts(device.type)
+
+
+def ns_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The torch dtype of a config's `ns_dtype` on `device` ("auto" decided per device)."""
+    facts = device_facts(device) if name == "auto" else None
+    return muon_core.resolve_dtype(name, torch, facts=facts)
 
 
 def _wide_dtype(device: torch.device) -> torch.dtype:
@@ -30,12 +59,51 @@ def frobenius_norm(x: torch.Tensor) -> torch.Tensor:
     return rows.square().sum(dim=-2, keepdim=True).sqrt().to(x.dtype)
 
 
+def _normalised(x: torch.Tensor, schedule: NSSchedule, eps: float) -> torch.Tensor:
+    """`x / max(norm_scale * ||x||_F, eps)` per matrix, as a new row-major tensor (which torch's
+    GEMMs prefer even when `x` is a transposed view)."""
+    scale = (frobenius_norm(x) * schedule.norm_scale).clamp_min(eps)
+    return torch.div(x, scale, out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
+
+
+def _iterate_gram(x: torch.Tensor, schedule: NSSchedule, eps: float, out: torch.Tensor) -> None:
+    """Gram Newton-Schulz (`muon_core`'s `_gram_iterations`) on a batch (b, m, n), m <= n.
+
+    Forms `A = X X^T` and iterates `Q <- P Q` and `A <- (a A + b A^2 + c A^3) P` on m x m
+    matrices in at least float32, then writes `Q X` (in `x.dtype`) into `out`.
+    """
+    current = _normalised(x, schedule, eps)
+    wide = torch.promote_types(x.dtype, torch.float32)
+    # A rounded to bfloat16 is no longer positive semidefinite: its spurious negative eigenvalues
+    # grow by a^2 per step (about 12 for keller) and overflow, so A is formed in `wide` too.
+    wide_x = current.to(wide)
+    gram = torch.bmm(wide_x, wide_x.mT)
+    square, poly, cube = torch.empty_like(gram), torch.empty_like(gram), torch.empty_like(gram)
+    q, spare = torch.empty_like(gram), torch.empty_like(gram)
+    last = len(schedule.coefficients) - 1
+    for i, (a, b, c) in enumerate(schedule.coefficients):
+        torch.bmm(gram, gram, out=square)
+        torch.mul(gram, b, out=poly).add_(square, alpha=c)
+        poly.diagonal(dim1=-2, dim2=-1).add_(a)
+        if i == 0:
+            q.copy_(poly)
+        else:
+            torch.bmm(poly, q, out=spare)
+            q, spare = spare, q
+        if i < last:
+            # a A + b A^2 + c A^3, then times P: the next Gram matrix
+            torch.mul(gram, a, out=cube).add_(square, alpha=b).baddbmm_(gram, square, alpha=c)
+            torch.bmm(cube, poly, out=gram)
+    torch.bmm(q.to(x.dtype), current, out=out)
+
+
 def _iterate(x: torch.Tensor, schedule: NSSchedule, eps: float, out: torch.Tensor) -> None:
     """Newton-Schulz on a batch `x` of shape (b, m, n) with m <= n, written into `out`."""
-    scale = (frobenius_norm(x) * schedule.norm_scale).clamp_min(eps)
-    # Every product writes into scratch allocated once (row-major even when `x` is a transposed
-    # view, which torch's GEMMs prefer); the last one writes into `out`.
-    current = torch.div(x, scale, out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
+    if uses_gram(schedule, x.shape[-2], x.shape[-1]):
+        _iterate_gram(x, schedule, eps, out)
+        return
+    # Every product writes into scratch allocated once; the last one writes into `out`.
+    current = _normalised(x, schedule, eps)
     spare = torch.empty_like(current)
     gram = x.new_empty((x.shape[0], x.shape[1], x.shape[1]))
     poly = torch.empty_like(gram)

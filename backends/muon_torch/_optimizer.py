@@ -14,7 +14,7 @@ from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from muon_torch._groups import adamw_hyperparameters, muon_hyperparameters, parse_group
 from muon_torch._model import ModuleHints, as_hints, model_hints, sparse_parameters
-from muon_torch._newton_schulz import newton_schulz
+from muon_torch._newton_schulz import device_facts, newton_schulz, ns_dtype
 from muon_torch._qk_clip import qk_clip as _qk_clip
 
 def _fused_adamw_supported(params: Iterable[torch.Tensor]) -> bool:
@@ -49,13 +49,15 @@ def _nonfinite_gradients(params: list[torch.Tensor]) -> list[torch.Tensor]:
     return [p for p in suspects if not bool(p.grad.isfinite().all())]
 
 
-def _ns_settings(group: Mapping[str, Any]) -> tuple[torch.dtype, muon_core.NSSchedule]:
-    """Validate a Muon group's step settings; return its NS dtype and schedule."""
+def _ns_settings(group: Mapping[str, Any]) -> tuple[str, muon_core.NSSchedule]:
+    """Validate a Muon group's step settings; return its NS dtype name and schedule."""
     if group["momentum_kind"] not in ("ema", "sum"):
         raise ValueError(f"momentum_kind={group['momentum_kind']!r} is invalid: expected 'ema' "
                          "or 'sum'")
-    schedule = muon_core.ns_schedule(group["ns_coefficients"], group["ns_steps"])
-    return muon_core.resolve_dtype(group["ns_dtype"], torch), schedule
+    schedule = muon_core.ns_schedule(group["ns_coefficients"], group["ns_steps"],
+                                     group["ns_algorithm"])
+    muon_core.resolve_dtype(group["ns_dtype"], torch)  # validates the name
+    return group["ns_dtype"], schedule
 
 
 def _update_momentum(grads: list[torch.Tensor], bufs: list[torch.Tensor],
@@ -143,7 +145,10 @@ class Muon(torch.optim.Optimizer):
     @property
     def plan(self) -> Plan:
         """The routing decision for every parameter (print it for a table)."""
-        return Plan(tuple(self._entries.values()), self.config)
+        device = next((p.device for p, e in self._entries.items() if e.is_muon),
+                      torch.device("cpu"))
+        return Plan(tuple(self._entries.values()), self.config,
+                    muon_core.describe_ns_dtype(self.config.ns_dtype, device_facts(device)))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Route a user group's parameters and append its Muon half and its AdamW half."""
@@ -243,7 +248,7 @@ class Muon(torch.optim.Optimizer):
     def _muon_step(self, work: list[tuple]) -> None:
         """Momentum per group, then one Newton-Schulz call per (device, block shape, settings)."""
         batches: dict[tuple, list[tuple]] = {}
-        for group, params, dtype, schedule in work:
+        for group, params, dtype_name, schedule in work:
             for p in params:
                 if not self.state[p]:
                     self.state[p]["momentum_buffer"] = torch.zeros_like(
@@ -255,7 +260,8 @@ class Muon(torch.optim.Optimizer):
             for p, grad, buf in zip(params, grads, bufs):
                 entry = self._entries[p]
                 for start, size, scale in zip(entry.block_offsets, entry.blocks, entry.lr_scales):
-                    key = (p.device, size, entry.matrix_shape[2], dtype, schedule, group["eps"])
+                    key = (p.device, size, entry.matrix_shape[2], ns_dtype(dtype_name, p.device),
+                           schedule, group["eps"])
                     batches.setdefault(key, []).append(
                         (p, entry, slice(start, start + size), grad, buf, group,
                          -group["lr"] * scale))

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from muon_core import MuonConfig, QKRule, Rule, plan
+from muon_core import MuonConfig, QKRule, Rule, orthogonalize, plan
 from muon_core import qk_clip as reference_qk_clip
 from muon_conformance.adapter import (
     BF16, CAPABILITIES, DISTRIBUTED, FLOAT64, QK_CLIP, unknown_capabilities,
@@ -177,11 +177,11 @@ def _tiered(cases: Iterable[Case], tiers: Sequence[str] = tuple(TIERS)) -> tuple
 
 # -- Newton-Schulz: golden values and invariants ---------------------------------------------
 
-def ns_config(coefficients: Any = "keller") -> MuonConfig:
+def ns_config(coefficients: Any = "keller", algorithm: str = "standard") -> MuonConfig:
     """A config whose step from zero parameters leaves exactly minus the orthogonalized gradient:
     no momentum, lr 1, no decay, no LR scale."""
     return MuonConfig(lr=1.0, weight_decay=0.0, momentum=0.0, nesterov=False,
-                      lr_scaling="none", ns_coefficients=coefficients)
+                      lr_scaling="none", ns_coefficients=coefficients, ns_algorithm=algorithm)
 
 
 def orthogonalized(adapter: Any, grads: Mapping[str, np.ndarray],
@@ -282,6 +282,31 @@ def check_ns_invariants(adapter: Any, name: str, where: Where) -> None:
     NS_INVARIANTS[name](adapter, where)
 
 
+# Blocks of every orientation and aspect around the Gram threshold (1.5): wide, tall, square,
+# batched, and one just below the threshold that stays on the standard iteration.
+ALGORITHM_SHAPES = {"wide.weight": (8, 32), "tall.weight": (30, 12), "square.weight": (10, 10),
+                    "edge.weight": (12, 18), "below.weight": (12, 17)}
+
+
+@_register("ns_algorithms", _tiered([
+    Case(f"{algorithm}-{coefficients}", (algorithm, coefficients),
+         ns_config(coefficients, algorithm))
+    for algorithm in ("gram",) for coefficients in ("keller", "polar_express")]))
+def check_ns_algorithms(adapter: Any, value: tuple[str, str], where: Where) -> None:
+    """Each Newton-Schulz algorithm matches the core's float64 reference of that algorithm, which
+    itself matches the standard iteration (the same polynomial, computed differently)."""
+    algorithm, coefficients = value
+    grads = make_params(ALGORITHM_SHAPES, seed=8)
+    out = orthogonalized(adapter, grads, where)
+    for name, g in grads.items():
+        reference = orthogonalize(g, coefficients=coefficients, algorithm=algorithm)
+        standard = orthogonalize(g, coefficients=coefficients)
+        compare(reference, standard, tol=TIERS["float64"],
+                where=where.at(name, g.shape, f"float64 {algorithm} vs standard reference"))
+        compare(out[name], reference, tol=where.tol,
+                where=where.at(name, g.shape, f"NS({coefficients!r}, {algorithm}) vs float64"))
+
+
 # -- every option over many steps ------------------------------------------------------------
 
 OPTIONS: dict[str, dict[str, Any]] = {
@@ -303,6 +328,8 @@ OPTIONS: dict[str, dict[str, Any]] = {
                                 "weight_decay": 0.0}},
     "no_qkv_split": {"split_qkv": False},
     "eps": {"eps": 1e-3},
+    "gram": {"ns_algorithm": "gram"},
+    "gram_polar_express": {"ns_algorithm": "gram", "ns_coefficients": "polar_express"},
 }
 
 
@@ -322,6 +349,7 @@ def check_trajectory(adapter: Any, _: Any, where: Where) -> None:
 
 
 @_register("precision", [Case("bfloat16", tier="bfloat16"), Case("float64", tier="float64"),
+                         Case("bfloat16-gram", None, base_config(**OPTIONS["gram"]), "bfloat16"),
                          Case("float64-sum_no_nesterov", None,
                               base_config(**OPTIONS["sum_no_nesterov"]), "float64")])
 def check_precision(adapter: Any, _: Any, where: Where) -> None:
