@@ -29,10 +29,43 @@ def _refuse_for_muon(entry: ParamPlan, problem: str) -> ValueError:
 
 
 def _check_muon_param(entry: ParamPlan, param: torch.Tensor) -> None:
+    if param.is_complex():
+        raise _refuse_for_muon(entry, f"Muon does not support complex parameters ({param.dtype=})")
     if not param.is_floating_point():
         raise _refuse_for_muon(entry, f"Muon needs a real floating tensor, got {param.dtype=}")
     if param.grad is not None and param.grad.is_sparse:
         raise _refuse_for_muon(entry, "its gradient is sparse and Muon needs dense ones")
+
+
+def _checked_lr(lr: torch.Tensor) -> torch.Tensor:
+    if lr.numel() != 1:
+        raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
+    return lr
+
+
+def _take_tensor_lrs(spec: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """`spec` (keyword overrides or a group dict) with each tensor learning rate replaced by its
+    float value, for the config's checks, and the tensors by the half ("muon", "adamw") they set.
+
+    A top-level `lr` is the AdamW half's in a group with `"algorithm": "adamw"`, else Muon's."""
+    spec, tensors = dict(spec), {}
+    top = "adamw" if spec.get("algorithm") == "adamw" else "muon"
+    if isinstance(spec.get("lr"), torch.Tensor):
+        tensors[top] = _checked_lr(spec["lr"])
+        spec["lr"] = float(spec["lr"])
+    adamw = spec.get("adamw")
+    if top == "muon" and isinstance(adamw, Mapping) and isinstance(adamw.get("lr"), torch.Tensor):
+        tensors["adamw"] = _checked_lr(adamw["lr"])
+        spec["adamw"] = {**adamw, "lr": float(adamw["lr"])}
+    return spec, tensors
+
+
+def _sets_lr(spec: Mapping[str, Any], half: str) -> bool:
+    """Whether a group dict gives its own learning rate for `half`."""
+    top = "adamw" if spec.get("algorithm") == "adamw" else "muon"
+    adamw = spec.get("adamw")
+    return (half == top and "lr" in spec) or (
+        half == "adamw" and top == "muon" and isinstance(adamw, Mapping) and "lr" in adamw)
 
 
 def _nonfinite_gradients(params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -65,8 +98,19 @@ def _update_momentum(grads: list[torch.Tensor], bufs: list[torch.Tensor],
     if group["momentum_kind"] == "ema":
         torch._foreach_lerp_(bufs, grads, 1.0 - beta)
     else:
-        torch._foreach_mul_(bufs, beta)
+        for buf in bufs:  # not _foreach_mul_: see _decay
+            buf.mul_(beta)
         torch._foreach_add_(bufs, grads)
+
+
+def _decay(params: list[torch.Tensor], group: Mapping[str, Any]) -> None:
+    """Decoupled weight decay `p *= 1 - lr wd`, one product per parameter as torch.optim.Muon.
+
+    Not `torch._foreach_mul_`: it rounds a Python-number factor to the parameters' dtype first,
+    which in bfloat16 turns 0.998 into 0.99609375 (twice the decay, and then some)."""
+    factor = 1 - group["lr"] * group["weight_decay"]
+    for p in params:
+        p.mul_(factor)
 
 
 def _to_matrices(x: torch.Tensor, entry: ParamPlan) -> torch.Tensor:
@@ -118,11 +162,15 @@ class Muon(torch.optim.Optimizer):
         config = MuonConfig() if config is None else config
         if not isinstance(config, MuonConfig):
             raise TypeError(f"config must be a MuonConfig, got {type(config).__name__}")
+        overrides, self._lr_tensors = _take_tensor_lrs(overrides)
         self.config = with_overrides(config, overrides, "Muon")
         self._module_kinds = dict(module_kinds or {})
         # Every parameter's plan entry, in the order the groups were added (the plan's order).
         self._entries: dict[torch.Tensor, ParamPlan] = {}
-        super().__init__(params, {})
+        # torch's schedulers read `lr` and, to cycle momentum, `momentum` here; AdamW halves hold
+        # `momentum=None` (beta1 from `betas`) until a scheduler writes their beta1 there.
+        super().__init__(params, {"lr": self._lr_tensors.get("muon", self.config.lr),
+                                  "momentum": self.config.momentum})
 
     @classmethod
     def for_model(cls, model: nn.Module, config: MuonConfig | None = None,
@@ -144,7 +192,8 @@ class Muon(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Route a user group's parameters and append its Muon half and its AdamW half."""
-        user = parse_group(param_group, self.config, len(self._entries),
+        spec, lr_tensors = _take_tensor_lrs(param_group)
+        user = parse_group(spec, self.config, len(self._entries),
                            f"param group {len(self.param_groups) // 2}")
         self._check_new(user.names, user.params)
         shapes = {n: tuple(p.shape) for n, p in zip(user.names, user.params)}
@@ -162,25 +211,32 @@ class Muon(torch.optim.Optimizer):
             chosen = [(e, p) for e, p in zip(plan, user.params) if e.algorithm == algorithm]
             params = [p for _, p in chosen]
             if algorithm == "adamw":
-                hyper["fused"] = _fused_adamw_supported(params)
+                hyper.update(fused=_fused_adamw_supported(params), momentum=None)
+            default_lr = None if _sets_lr(spec, algorithm) else self._lr_tensors.get(algorithm)
+            lr = lr_tensors.get(algorithm, default_lr)
+            if lr is not None:
+                hyper["lr"] = lr
             super().add_param_group({"params": params,
                                      "param_names": [e.name for e, _ in chosen], **hyper})
         self._entries.update(zip(user.params, plan))
 
     def _check_new(self, names: tuple[str, ...], params: tuple[torch.Tensor, ...]) -> None:
         known_names = {e.name for e in self._entries.values()}
-        known_params = set(self._entries)  # tensors hash by identity
+        in_this_group: set[torch.Tensor] = set()  # tensors hash by identity
         for name, param in zip(names, params):
             if name in known_names:
                 raise ValueError(f"parameter name {name!r} appears twice: expected unique names")
-            if param in known_params:
-                raise ValueError(f"parameter {name!r} with shape {tuple(param.shape)} is already "
-                                 "in this optimizer: each tensor may appear once")
+            if param in self._entries or param in in_this_group:
+                where = ("a parameter group with duplicate parameters" if param in in_this_group
+                         else "some parameters appear in more than one parameter group")
+                raise ValueError(f"{where}: parameter {name!r} with shape {tuple(param.shape)} "
+                                 "is already in this optimizer: each tensor may appear once")
             known_names.add(name)
-            known_params.add(param)
+            in_this_group.add(param)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state saved by `state_dict()` from an optimizer routed the same way."""
+        """Load a state saved by `state_dict()` from an optimizer routed the same way; the
+        groups keep this optimizer's parameter names."""
         saved_groups = state_dict["param_groups"]
         for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             if saved.get("algorithm") != group["algorithm"]:
@@ -189,16 +245,34 @@ class Muon(torch.optim.Optimizer):
                                  ": expected a state saved by muon_torch.Muon on the same model")
             for index, param in zip(saved["params"], group["params"]):
                 for key, value in state_dict["state"].get(index, {}).items():
-                    if value.ndim and value.shape != param.shape:
+                    if isinstance(value, torch.Tensor) and value.ndim \
+                            and value.shape != param.shape:
                         raise ValueError(f"state {key!r} of parameter "
                                          f"{self._entries[param].name!r} has shape "
                                          f"{tuple(value.shape)}, expected the parameter's shape "
                                          f"{tuple(param.shape)}")
         super().load_state_dict(state_dict)
+        for group in self.param_groups:  # the names this optimizer's plan routed by
+            group["param_names"] = [self._entries[p].name for p in group["params"]]
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "config": self.config,
+        return {**super().__getstate__(), "config": self.config, "_lr_tensors": self._lr_tensors,
                 "_module_kinds": self._module_kinds, "_entries": self._entries}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Also called by `load_state_dict`: an AdamW `step` saved as a Python number (older
+        checkpoints) becomes the float32 tensor the step expects, on the parameter's device
+        when the group is fused."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            if group.get("algorithm") != "adamw":
+                continue
+            for p in group["params"]:
+                p_state = self.state.get(p, {})
+                if "step" in p_state and not torch.is_tensor(p_state["step"]):
+                    p_state["step"] = torch.tensor(
+                        float(p_state["step"]), dtype=torch.float32,
+                        device=p.device if group.get("fused") else None)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -248,7 +322,7 @@ class Muon(torch.optim.Optimizer):
             grads = [p.grad for p in params]
             bufs = [self.state[p]["momentum_buffer"] for p in params]
             _update_momentum(grads, bufs, group)
-            torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
+            _decay(params, group)
             for p, grad, buf in zip(params, grads, bufs):
                 entry = self._entries[p]
                 for start, size, scale in zip(entry.block_offsets, entry.blocks, entry.lr_scales):
@@ -277,6 +351,8 @@ class Muon(torch.optim.Optimizer):
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         states = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
+        if group.get("momentum") is not None:  # beta1 written by a momentum-cycling scheduler
+            beta1 = group["momentum"]
         adamw_functional(params, [p.grad for p in params], [s["exp_avg"] for s in states],
                          [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states],
                          fused=True if fused else None,
