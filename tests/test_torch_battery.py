@@ -548,3 +548,63 @@ def test_compiled_step_with_tensor_lr_follows_a_scheduler():
         runs.append((weight.detach(), bias.detach()))
     torch.testing.assert_close(runs[0], runs[1])
 
+
+
+# -- bfloat16 parameters: master weights ----------------------------------------------------------
+def test_master_weights_keep_decay_that_rounding_to_nearest_loses():
+    """lr wd = 0.001: each step's decay is below half a bfloat16 ulp under 1.0, so rounding to
+    nearest keeps 1.0 forever; a float32 master weight accumulates 0.999**10."""
+    finals = {}
+    for master in (False, True):
+        param = Parameter(torch.ones(4, 4, dtype=torch.bfloat16))
+        opt = Muon([param], lr=0.02, weight_decay=0.05, master_weights=master)
+        for _ in range(10):
+            param.grad = torch.zeros_like(param)
+            opt.step()
+        finals[master] = param.detach()
+    assert (finals[False] == 1).all()
+    torch.testing.assert_close(finals[True], torch.full((4, 4), 0.999**10).to(torch.bfloat16),
+                               rtol=0, atol=0)
+
+
+def test_master_weights_follow_the_float32_trajectory():
+    """Same start and gradients: the master weights are the float32 run's parameters, and the
+    bfloat16 parameters are those rounded to nearest."""
+    shapes = {"w": (16, 8), "b": (16,)}
+    runs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        params = [(n, Parameter(torch.randn(s).to(torch.bfloat16).to(dtype)))
+                  for n, s in shapes.items()]
+        opt = Muon(params, lr=0.05, master_weights=True, ns_dtype="float32")
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            for _, p in params:
+                p.grad = torch.randn(p.shape, generator=generator).to(torch.bfloat16).to(dtype)
+            opt.step()
+        runs[dtype] = (params, opt)
+    (params32, _), (params16, opt16) = runs[torch.float32], runs[torch.bfloat16]
+    for (_, p32), (_, p16) in zip(params32, params16):
+        master = opt16.state[p16]["master_weight"]
+        torch.testing.assert_close(master, p32.detach(), rtol=0, atol=0)
+        torch.testing.assert_close(p16.detach(), p32.detach().to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_master_weights_state_stays_float32_through_a_checkpoint():
+    param = Parameter(torch.randn(8, 4).to(torch.bfloat16))
+    opt = Muon([param], master_weights=True)
+    param.grad = torch.randn_like(param)
+    opt.step()
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = Muon([param], master_weights=True)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    for key, value in opt.state[param].items():
+        assert fresh.state[param][key].dtype == torch.float32
+        torch.testing.assert_close(fresh.state[param][key], value, rtol=0, atol=0)
+
+
+def test_master_weights_must_be_a_bool():
+    with pytest.raises(ValueError, match="master_weights='yes' is invalid"):
+        Muon([Parameter(torch.randn(2, 3))], master_weights="yes")

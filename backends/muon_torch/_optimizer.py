@@ -15,7 +15,7 @@ from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 from muon_torch._groups import (adamw_hyperparameters, muon_hyperparameters, parse_group,
                                 with_overrides)
 from muon_torch._model import module_kinds, sparse_parameters
-from muon_torch._newton_schulz import newton_schulz
+from muon_torch._newton_schulz import LOW_PRECISION, newton_schulz
 
 def _fused_adamw_supported(params: Iterable[torch.Tensor]) -> bool:
     devices = _get_fused_kernels_supported_devices()
@@ -113,6 +113,13 @@ def _decay(params: list[torch.Tensor], group: Mapping[str, Any]) -> None:
         p.mul_(factor)
 
 
+def _round_into(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Copy each updated master weight into its parameter (rounding to nearest)."""
+    for param, target in pairs:
+        if target is not param:
+            param.copy_(target)
+
+
 def _to_matrices(x: torch.Tensor, entry: ParamPlan) -> torch.Tensor:
     return x.permute(entry.perm).reshape(entry.matrix_shape)
 
@@ -158,10 +165,15 @@ class Muon(torch.optim.Optimizer):
     """
 
     def __init__(self, params: Iterable[Any], config: MuonConfig | None = None, *,
-                 module_kinds: Mapping[str, str] | None = None, **overrides: Any) -> None:
+                 module_kinds: Mapping[str, str] | None = None, master_weights: bool = False,
+                 **overrides: Any) -> None:
         config = MuonConfig() if config is None else config
         if not isinstance(config, MuonConfig):
             raise TypeError(f"config must be a MuonConfig, got {type(config).__name__}")
+        if not isinstance(master_weights, bool):
+            raise ValueError(f"master_weights={master_weights!r} is invalid: expected True or "
+                             "False")
+        self._master_weights = master_weights
         overrides, self._lr_tensors = _take_tensor_lrs(overrides)
         self.config = with_overrides(config, overrides, "Muon")
         self._module_kinds = dict(module_kinds or {})
@@ -210,6 +222,7 @@ class Muon(torch.optim.Optimizer):
         for algorithm, hyper in halves.items():
             chosen = [(e, p) for e, p in zip(plan, user.params) if e.algorithm == algorithm]
             params = [p for _, p in chosen]
+            hyper["master_weights"] = self._master_weights
             if algorithm == "adamw":
                 hyper.update(fused=_fused_adamw_supported(params), momentum=None)
             default_lr = None if _sets_lr(spec, algorithm) else self._lr_tensors.get(algorithm)
@@ -252,12 +265,20 @@ class Muon(torch.optim.Optimizer):
                                          f"{tuple(value.shape)}, expected the parameter's shape "
                                          f"{tuple(param.shape)}")
         super().load_state_dict(state_dict)
-        for group in self.param_groups:  # the names this optimizer's plan routed by
+        for group, saved in zip(self.param_groups, saved_groups):
+            # the names this optimizer's plan routed by
             group["param_names"] = [self._entries[p].name for p in group["params"]]
+            if group.get("master_weights"):  # torch cast the state to the parameter's dtype
+                for index, param in zip(saved["params"], group["params"]):
+                    for key, value in state_dict["state"].get(index, {}).items():
+                        if key != "step" and param.dtype in LOW_PRECISION:
+                            self.state[param][key] = value.to(
+                                device=param.device, dtype=torch.float32, copy=True)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "config": self.config, "_lr_tensors": self._lr_tensors,
-                "_module_kinds": self._module_kinds, "_entries": self._entries}
+                "_master_weights": self._master_weights, "_module_kinds": self._module_kinds,
+                "_entries": self._entries}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Also called by `load_state_dict`: an AdamW `step` saved as a Python number (older
@@ -311,51 +332,70 @@ class Muon(torch.optim.Optimizer):
         shapes = {self._entries[p].name: self._entries[p].shape for p in bad}
         raise FloatingPointError(muon_core.nonfinite_message(names, shapes))
 
+    def _targets(self, group: Mapping[str, Any], params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """What the step updates for each parameter: the parameter, or with `master_weights`
+        the float32 copy of a bfloat16/float16 one (state "master_weight")."""
+        if not group.get("master_weights"):
+            return params
+        for p in params:
+            if p.dtype in LOW_PRECISION and "master_weight" not in self.state[p]:
+                self.state[p]["master_weight"] = p.detach().to(torch.float32, copy=True)
+        return [self.state[p]["master_weight"] if p.dtype in LOW_PRECISION else p
+                for p in params]
+
     def _muon_step(self, work: list[tuple]) -> None:
         """Momentum per group, then one Newton-Schulz call per (device, block shape, settings)."""
         batches: dict[tuple, list[tuple]] = {}
+        synced = []
         for group, params, dtype, schedule in work:
-            for p in params:
-                if not self.state[p]:
+            targets = self._targets(group, params)
+            for p, target in zip(params, targets):
+                if "momentum_buffer" not in self.state[p]:
                     self.state[p]["momentum_buffer"] = torch.zeros_like(
-                        p, memory_format=torch.preserve_format)
-            grads = [p.grad for p in params]
+                        target, memory_format=torch.preserve_format)
+            grads = [p.grad.to(target.dtype) for p, target in zip(params, targets)]
             bufs = [self.state[p]["momentum_buffer"] for p in params]
             _update_momentum(grads, bufs, group)
-            _decay(params, group)
-            for p, grad, buf in zip(params, grads, bufs):
+            _decay(targets, group)
+            synced += zip(params, targets)
+            for p, target, grad, buf in zip(params, targets, grads, bufs):
                 entry = self._entries[p]
                 for start, size, scale in zip(entry.block_offsets, entry.blocks, entry.lr_scales):
                     key = (p.device, size, entry.matrix_shape[2], dtype, schedule, group["eps"])
                     batches.setdefault(key, []).append(
-                        (p, entry, slice(start, start + size), grad, buf, group,
+                        (target, entry, slice(start, start + size), grad, buf, group,
                          -group["lr"] * scale))
         for (device, rows, cols, dtype, schedule, eps), blocks in batches.items():
             counts = [block[1].matrix_shape[0] for block in blocks]
             stack = torch.empty((sum(counts), rows, cols), dtype=dtype, device=device)
-            for (p, entry, rows, grad, buf, group, _), out in zip(blocks, stack.split(counts)):
+            for (_, entry, rows, grad, buf, group, _), out in zip(blocks, stack.split(counts)):
                 _write_direction(out, grad, buf, entry, rows, group)
             updates = newton_schulz(stack, schedule, eps, out=stack).split(counts)
-            for (p, entry, rows, *_, alpha), update in zip(blocks, updates):
-                _add_block(p, entry, rows, update, alpha)
+            for (target, entry, rows, *_, alpha), update in zip(blocks, updates):
+                _add_block(target, entry, rows, update, alpha)
+        _round_into(synced)
 
     def _adamw_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         """torch's AdamW arithmetic (its fused kernel where the device has one)."""
         fused = group.get("fused", False)
-        for p in params:
+        targets = self._targets(group, params)
+        for p, target in zip(params, targets):
             state = self.state[p]
-            if not state:
+            if "step" not in state:
                 state["step"] = (torch.zeros((), dtype=torch.float32, device=p.device) if fused
                                  else torch.tensor(0.0, dtype=torch.float32))
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg"] = torch.zeros_like(target, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(target,
+                                                       memory_format=torch.preserve_format)
         states = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
         if group.get("momentum") is not None:  # beta1 written by a momentum-cycling scheduler
             beta1 = group["momentum"]
-        adamw_functional(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+        adamw_functional(targets, [p.grad.to(t.dtype) for p, t in zip(params, targets)],
+                         [s["exp_avg"] for s in states],
                          [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states],
                          fused=True if fused else None,
                          has_complex=any(torch.is_complex(p) for p in params), amsgrad=False,
                          beta1=beta1, beta2=beta2, lr=group["lr"],
                          weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+        _round_into(zip(params, targets))
