@@ -238,7 +238,9 @@ class Muon(torch.optim.Optimizer):
         in_this_group: set[torch.Tensor] = set()  # tensors hash by identity
         for name, param in zip(names, params):
             if name in known_names:
-                raise ValueError(f"parameter name {name!r} appears twice: expected unique names")
+                raise ValueError(f"parameter name {name!r} appears twice: expected unique names "
+                                 "(two modules' named_parameters()? give each a prefix: "
+                                 "module.named_parameters(prefix='head'))")
             if param in self._entries or param in in_this_group:
                 where = ("a parameter group with duplicate parameters" if param in in_this_group
                          else "some parameters appear in more than one parameter group")
