@@ -161,7 +161,9 @@ class Muon(torch.optim.Optimizer):
     names to "embedding", "head", "norm" or "hidden" (see `Muon.for_model`). `muon_core.plan`
     routes every parameter (`opt.plan` shows the table); each user group becomes two torch
     groups, its Muon half then its AdamW half (possibly empty), each with its own "lr", so
-    schedulers scale both.
+    schedulers scale both. `lr` (and `adamw["lr"]`) may be a 1-element tensor, as in torch.optim.
+    `master_weights=True` keeps a float32 copy of every bfloat16/float16 parameter, updated by
+    the step and rounded into the parameter.
     """
 
     def __init__(self, params: Iterable[Any], config: MuonConfig | None = None, *,
