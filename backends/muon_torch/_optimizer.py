@@ -48,6 +48,8 @@ def _take_tensor_lrs(spec: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str,
     float value, for the config's checks, and the tensors by the half ("muon", "adamw") they set.
 
     A top-level `lr` is the AdamW half's in a group with `"algorithm": "adamw"`, else Muon's."""
+    if not isinstance(spec, Mapping):
+        return spec, {}  # parse_group refuses it with a clear message
     spec, tensors = dict(spec), {}
     top = "adamw" if spec.get("algorithm") == "adamw" else "muon"
     if isinstance(spec.get("lr"), torch.Tensor):
