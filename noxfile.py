@@ -24,7 +24,7 @@ def core(session: nox.Session) -> None:
 @nox.session
 def torch(session: nox.Session) -> None:
     """muon_torch's own tests."""
-    session.install("-r", "requirements/core.txt", *TORCH, "-e", ".[torch]")
+    session.install("-r", "requirements/core.txt", *TORCH, "expecttest==0.3.0", "-e", ".[torch]")
     session.run("python", "-m", "pytest", *_tests(session, "test_torch_*.py"), *session.posargs)
 
 

@@ -8,7 +8,7 @@ import os
 import platform
 from collections.abc import Sequence
 
-from muon_core._registry import INSTALL_HINTS
+from muon_core._registry import install_hint
 
 from muon_cli.benchtools import clock_name
 
@@ -22,7 +22,7 @@ def collect(backends: Sequence[str], rounds: int, threads: int) -> tuple[list[di
         try:
             module = importlib.import_module(BENCH_MODULES[name])
         except ImportError as exc:
-            notes.append(f"{name}: skipped ({exc}); try: {INSTALL_HINTS[name]}")
+            notes.append(f"{name}: skipped ({exc}); try: {install_hint(name)}")
             continue
         rows += [row | {"backend": name} for row in module.compare(rounds=rounds, threads=threads)]
     return rows, notes

@@ -119,8 +119,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_conformance(args, extra)
         return {"demo": _cmd_demo, "plan": _cmd_plan, "bench": _cmd_bench}[args.command](args)
     except (ValueError, TypeError, ImportError, OSError) as exc:
-        print(f"muon {args.command}: error: {exc}", file=sys.stderr)
+        print(f"muon {args.command}: error: {_with_install_hint(exc)}", file=sys.stderr)
         return 1
+
+
+def _with_install_hint(exc: Exception) -> str:
+    """The error's text, plus the extra to install when an optional module is missing."""
+    from muon_core._registry import install_hint
+
+    hint = install_hint(exc.name) if isinstance(exc, ModuleNotFoundError) else None
+    return f"{exc}; install it with: {hint}" if hint else str(exc)
 
 
 if __name__ == "__main__":

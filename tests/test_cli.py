@@ -229,3 +229,25 @@ def test_bench_clock_choice_is_checked_and_used():
         assert times["a"] >= 0
     finally:
         benchtools.set_clock("wall")
+
+
+def test_missing_optional_dependency_names_its_extra(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # as if the cli extra were not installed
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    assert main(["demo", "--steps", "1", "--out", str(tmp_path), "--no-progress"]) == 1
+    assert 'pip install "muon-core[cli]"' in capsys.readouterr().err
+
+
+def test_conformance_accepts_the_package_index_spelling(monkeypatch):
+    seen = []
+    monkeypatch.setattr(pytest, "main", lambda args: seen.append(args) or 0)
+    assert main(["conformance", "--backend", "array-api-strict"]) == 0
+    assert seen[0][seen[0].index("--muon-backend") + 1] == "array_api_strict"
+
+
+def test_conformance_unknown_backend_is_one_line_listing_the_names(monkeypatch, capsys):
+    monkeypatch.setattr(pytest, "main", lambda args: pytest.fail("pytest should not run"))
+    assert main(["conformance", "--backend", "nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "backend='nope' is not registered: expected one of" in err and "'numpy'" in err

@@ -32,8 +32,8 @@ def _split_named(items: list[Any], first_index: int, where: str):
     """(names, tensors) from a list of tensors or of (name, tensor) pairs."""
     named = [isinstance(item, tuple) for item in items]
     if any(named) and not all(named):
-        raise ValueError(f"{where}: mixes (name, tensor) pairs and bare tensors: give all "
-                         "parameters names or none")
+        raise ValueError(f"{where}: all optimizer params should be with/without names. Some "
+                         "param names are missing: give all parameters names or none")
     if all(named) and items:
         names, tensors = zip(*items)
     else:

@@ -14,7 +14,7 @@ from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from muon_torch._groups import adamw_hyperparameters, muon_hyperparameters, parse_group
 from muon_torch._model import ModuleHints, as_hints, model_hints, sparse_parameters
-from muon_torch._newton_schulz import device_facts, newton_schulz, ns_dtype
+from muon_torch._newton_schulz import LOW_PRECISION, device_facts, newton_schulz, ns_dtype
 from muon_torch._qk_clip import qk_clip as _qk_clip
 
 def _fused_adamw_supported(params: Iterable[torch.Tensor]) -> bool:
@@ -29,10 +29,45 @@ def _refuse_for_muon(entry: ParamPlan, problem: str) -> ValueError:
 
 
 def _check_muon_param(entry: ParamPlan, param: torch.Tensor) -> None:
+    if param.is_complex():
+        raise _refuse_for_muon(entry, f"Muon does not support complex parameters ({param.dtype=})")
     if not param.is_floating_point():
         raise _refuse_for_muon(entry, f"Muon needs a real floating tensor, got {param.dtype=}")
     if param.grad is not None and param.grad.is_sparse:
         raise _refuse_for_muon(entry, "its gradient is sparse and Muon needs dense ones")
+
+
+def _checked_lr(lr: torch.Tensor) -> torch.Tensor:
+    if lr.numel() != 1:
+        raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
+    return lr
+
+
+def _take_tensor_lrs(spec: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """`spec` (keyword overrides or a group dict) with each tensor learning rate replaced by its
+    float value, for the config's checks, and the tensors by the half ("muon", "adamw") they set.
+
+    A top-level `lr` is the AdamW half's in a group with `"algorithm": "adamw"`, else Muon's."""
+    if not isinstance(spec, Mapping):
+        return spec, {}  # parse_group refuses it with a clear message
+    spec, tensors = dict(spec), {}
+    top = "adamw" if spec.get("algorithm") == "adamw" else "muon"
+    if isinstance(spec.get("lr"), torch.Tensor):
+        tensors[top] = _checked_lr(spec["lr"])
+        spec["lr"] = float(spec["lr"])
+    adamw = spec.get("adamw")
+    if top == "muon" and isinstance(adamw, Mapping) and isinstance(adamw.get("lr"), torch.Tensor):
+        tensors["adamw"] = _checked_lr(adamw["lr"])
+        spec["adamw"] = {**adamw, "lr": float(adamw["lr"])}
+    return spec, tensors
+
+
+def _sets_lr(spec: Mapping[str, Any], half: str) -> bool:
+    """Whether a group dict gives its own learning rate for `half`."""
+    top = "adamw" if spec.get("algorithm") == "adamw" else "muon"
+    adamw = spec.get("adamw")
+    return (half == top and "lr" in spec) or (
+        half == "adamw" and top == "muon" and isinstance(adamw, Mapping) and "lr" in adamw)
 
 
 def _nonfinite_gradients(params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -67,8 +102,26 @@ def _update_momentum(grads: list[torch.Tensor], bufs: list[torch.Tensor],
     if group["momentum_kind"] == "ema":
         torch._foreach_lerp_(bufs, grads, b)
     else:
-        torch._foreach_mul_(bufs, a)
+        for buf in bufs:  # not _foreach_mul_: see _decay
+            buf.mul_(a)
         torch._foreach_add_(bufs, grads, alpha=b)
+
+
+def _decay(params: list[torch.Tensor], group: Mapping[str, Any]) -> None:
+    """Decoupled weight decay `p *= 1 - lr wd`, one product per parameter as torch.optim.Muon.
+
+    Not `torch._foreach_mul_`: it rounds a Python-number factor to the parameters' dtype first,
+    which in bfloat16 turns 0.998 into 0.99609375 (twice the decay, and then some)."""
+    factor = 1 - group["lr"] * group["weight_decay"]
+    for p in params:
+        p.mul_(factor)
+
+
+def _round_into(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Copy each updated master weight into its parameter (rounding to nearest)."""
+    for param, target in pairs:
+        if target is not param:
+            param.copy_(target)
 
 
 def _to_matrices(x: torch.Tensor, entry: ParamPlan) -> torch.Tensor:
@@ -112,20 +165,32 @@ class Muon(torch.optim.Optimizer):
     names to "embedding", "head", "norm", "other" or "hidden" (or is the `ModuleHints` that
     `Muon.for_model` reads off the modules). `muon_core.plan` routes every parameter
     (`opt.plan` shows the table); each user group becomes two torch groups, its Muon half then
-    its AdamW half (possibly empty), each with its own "lr", so schedulers scale both.
+    its AdamW half (possibly empty), each with its own "lr", so schedulers scale both. `lr` (and
+    `adamw["lr"]`) may be a 1-element tensor, as in torch.optim. `master_weights=True` keeps a
+    float32 copy of every bfloat16/float16 parameter, updated by the step and rounded into the
+    parameter.
     """
 
     def __init__(self, params: Iterable[Any], config: MuonConfig | None = None, *,
                  module_kinds: Mapping[str, str] | ModuleHints | None = None,
+                 master_weights: bool = False,
                  **overrides: Any) -> None:
         config = MuonConfig() if config is None else config
         if not isinstance(config, MuonConfig):
             raise TypeError(f"config must be a MuonConfig, got {type(config).__name__}")
+        if not isinstance(master_weights, bool):
+            raise ValueError(f"master_weights={master_weights!r} is invalid: expected True or "
+                             "False")
+        self._master_weights = master_weights
+        overrides, self._lr_tensors = _take_tensor_lrs(overrides)
         self.config = config.with_overrides(overrides, "Muon")
         self._module_kinds = as_hints(module_kinds)
         # Every parameter's plan entry, in the order the groups were added (the plan's order).
         self._entries: dict[torch.Tensor, ParamPlan] = {}
-        super().__init__(params, {})
+        # torch's schedulers read `lr` and, to cycle momentum, `momentum` here; AdamW halves hold
+        # `momentum=None` (beta1 from `betas`) until a scheduler writes their beta1 there.
+        super().__init__(params, {"lr": self._lr_tensors.get("muon", self.config.lr),
+                                  "momentum": self.config.momentum})
 
     @classmethod
     def for_model(cls, model: nn.Module, config: MuonConfig | None = None,
@@ -152,7 +217,8 @@ class Muon(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Route a user group's parameters and append its Muon half and its AdamW half."""
-        user = parse_group(param_group, self.config, len(self._entries),
+        spec, lr_tensors = _take_tensor_lrs(param_group)
+        user = parse_group(spec, self.config, len(self._entries),
                            f"param group {len(self.param_groups) // 2}")
         self._check_new(user.names, user.params)
         shapes = {n: tuple(p.shape) for n, p in zip(user.names, user.params)}
@@ -168,26 +234,36 @@ class Muon(torch.optim.Optimizer):
         for algorithm, hyper in halves.items():
             chosen = [(e, p) for e, p in zip(plan, user.params) if e.algorithm == algorithm]
             params = [p for _, p in chosen]
+            hyper["master_weights"] = self._master_weights
             if algorithm == "adamw":
-                hyper["fused"] = _fused_adamw_supported(params)
+                hyper.update(fused=_fused_adamw_supported(params), momentum=None)
+            default_lr = None if _sets_lr(spec, algorithm) else self._lr_tensors.get(algorithm)
+            lr = lr_tensors.get(algorithm, default_lr)
+            if lr is not None:
+                hyper["lr"] = lr
             super().add_param_group({"params": params,
                                      "param_names": [e.name for e, _ in chosen], **hyper})
         self._entries.update(zip(user.params, plan))
 
     def _check_new(self, names: tuple[str, ...], params: tuple[torch.Tensor, ...]) -> None:
         known_names = {e.name for e in self._entries.values()}
-        known_params = set(self._entries)  # tensors hash by identity
+        in_this_group: set[torch.Tensor] = set()  # tensors hash by identity
         for name, param in zip(names, params):
             if name in known_names:
-                raise ValueError(f"parameter name {name!r} appears twice: expected unique names")
-            if param in known_params:
-                raise ValueError(f"parameter {name!r} with shape {tuple(param.shape)} is already "
-                                 "in this optimizer: each tensor may appear once")
+                raise ValueError(f"parameter name {name!r} appears twice: expected unique names "
+                                 "(two modules' named_parameters()? give each a prefix: "
+                                 "module.named_parameters(prefix='head'))")
+            if param in self._entries or param in in_this_group:
+                where = ("a parameter group with duplicate parameters" if param in in_this_group
+                         else "some parameters appear in more than one parameter group")
+                raise ValueError(f"{where}: parameter {name!r} with shape {tuple(param.shape)} "
+                                 "is already in this optimizer: each tensor may appear once")
             known_names.add(name)
-            known_params.add(param)
+            in_this_group.add(param)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state saved by `state_dict()` from an optimizer routed the same way."""
+        """Load a state saved by `state_dict()` from an optimizer routed the same way; the
+        groups keep this optimizer's parameter names."""
         saved_groups = state_dict["param_groups"]
         for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             if saved.get("algorithm") != group["algorithm"]:
@@ -196,16 +272,42 @@ class Muon(torch.optim.Optimizer):
                                  ": expected a state saved by muon_torch.Muon on the same model")
             for index, param in zip(saved["params"], group["params"]):
                 for key, value in state_dict["state"].get(index, {}).items():
-                    if value.ndim and value.shape != param.shape:
+                    if isinstance(value, torch.Tensor) and value.ndim \
+                            and value.shape != param.shape:
                         raise ValueError(f"state {key!r} of parameter "
                                          f"{self._entries[param].name!r} has shape "
                                          f"{tuple(value.shape)}, expected the parameter's shape "
                                          f"{tuple(param.shape)}")
         super().load_state_dict(state_dict)
+        for group, saved in zip(self.param_groups, saved_groups):
+            # the names this optimizer's plan routed by
+            group["param_names"] = [self._entries[p].name for p in group["params"]]
+            if group.get("master_weights"):  # torch cast the state to the parameter's dtype
+                for index, param in zip(saved["params"], group["params"]):
+                    for key, value in state_dict["state"].get(index, {}).items():
+                        if key != "step" and param.dtype in LOW_PRECISION:
+                            self.state[param][key] = value.to(
+                                device=param.device, dtype=torch.float32, copy=True)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "config": self.config,
-                "_module_kinds": self._module_kinds, "_entries": self._entries}
+        return {**super().__getstate__(), "config": self.config, "_lr_tensors": self._lr_tensors,
+                "_master_weights": self._master_weights, "_module_kinds": self._module_kinds,
+                "_entries": self._entries}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Also called by `load_state_dict`: an AdamW `step` saved as a Python number (older
+        checkpoints) becomes the float32 tensor the step expects, on the parameter's device
+        when the group is fused."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            if group.get("algorithm") != "adamw":
+                continue
+            for p in group["params"]:
+                p_state = self.state.get(p, {})
+                if "step" in p_state and not torch.is_tensor(p_state["step"]):
+                    p_state["step"] = torch.tensor(
+                        float(p_state["step"]), dtype=torch.float32,
+                        device=p.device if group.get("fused") else None)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -245,50 +347,71 @@ class Muon(torch.optim.Optimizer):
         return muon_core.step_allowed([e.name for e in bad], {e.name: e.shape for e in bad},
                                       self.config.nonfinite)
 
+    def _targets(self, group: Mapping[str, Any], params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """What the step updates for each parameter: the parameter, or with `master_weights`
+        the float32 copy of a bfloat16/float16 one (state "master_weight")."""
+        if not group.get("master_weights"):
+            return params
+        for p in params:
+            if p.dtype in LOW_PRECISION and "master_weight" not in self.state[p]:
+                self.state[p]["master_weight"] = p.detach().to(torch.float32, copy=True)
+        return [self.state[p]["master_weight"] if p.dtype in LOW_PRECISION else p
+                for p in params]
+
     def _muon_step(self, work: list[tuple]) -> None:
         """Momentum per group, then one Newton-Schulz call per (device, block shape, settings)."""
         batches: dict[tuple, list[tuple]] = {}
+        synced = []
         for group, params, dtype_name, schedule in work:
-            for p in params:
-                if not self.state[p]:
+            targets = self._targets(group, params)
+            for p, target in zip(params, targets):
+                if "momentum_buffer" not in self.state[p]:
                     self.state[p]["momentum_buffer"] = torch.zeros_like(
-                        p, memory_format=torch.preserve_format)
-            grads = [p.grad for p in params]
+                        target, memory_format=torch.preserve_format)
+            grads = [p.grad.to(target.dtype) for p, target in zip(params, targets)]
             bufs = [self.state[p]["momentum_buffer"] for p in params]
             _update_momentum(grads, bufs, group)
-            torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
-            for p, grad, buf in zip(params, grads, bufs):
+            _decay(targets, group)
+            synced += zip(params, targets)
+            for p, target, grad, buf in zip(params, targets, grads, bufs):
                 entry = self._entries[p]
                 for start, size, scale in zip(entry.block_offsets, entry.blocks, entry.lr_scales):
                     key = (p.device, size, entry.matrix_shape[2], ns_dtype(dtype_name, p.device),
                            schedule, group["eps"])
                     batches.setdefault(key, []).append(
-                        (p, entry, slice(start, start + size), grad, buf, group,
+                        (target, entry, slice(start, start + size), grad, buf, group,
                          -group["lr"] * scale))
         for (device, rows, cols, dtype, schedule, eps), blocks in batches.items():
             counts = [block[1].matrix_shape[0] for block in blocks]
             stack = torch.empty((sum(counts), rows, cols), dtype=dtype, device=device)
-            for (p, entry, rows, grad, buf, group, _), out in zip(blocks, stack.split(counts)):
+            for (_, entry, rows, grad, buf, group, _), out in zip(blocks, stack.split(counts)):
                 _write_direction(out, grad, buf, entry, rows, group)
             updates = newton_schulz(stack, schedule, eps, out=stack).split(counts)
-            for (p, entry, rows, *_, alpha), update in zip(blocks, updates):
-                _add_block(p, entry, rows, update, alpha)
+            for (target, entry, rows, *_, alpha), update in zip(blocks, updates):
+                _add_block(target, entry, rows, update, alpha)
+        _round_into(synced)
 
     def _adamw_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         """torch's AdamW arithmetic (its fused kernel where the device has one)."""
         fused = group.get("fused", False)
-        for p in params:
+        targets = self._targets(group, params)
+        for p, target in zip(params, targets):
             state = self.state[p]
-            if not state:
+            if "step" not in state:
                 state["step"] = (torch.zeros((), dtype=torch.float32, device=p.device) if fused
                                  else torch.tensor(0.0, dtype=torch.float32))
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg"] = torch.zeros_like(target, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(target,
+                                                       memory_format=torch.preserve_format)
         states = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
-        adamw_functional(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+        if group.get("momentum") is not None:  # beta1 written by a momentum-cycling scheduler
+            beta1 = group["momentum"]
+        adamw_functional(targets, [p.grad.to(t.dtype) for p, t in zip(params, targets)],
+                         [s["exp_avg"] for s in states],
                          [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states],
                          fused=True if fused else None,
                          has_complex=any(torch.is_complex(p) for p in params), amsgrad=False,
                          beta1=beta1, beta2=beta2, lr=group["lr"],
                          weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+        _round_into(zip(params, targets))

@@ -72,4 +72,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if not options.backend:
         parser.error("--backend NAME is required (see --list for the registered names)")
+    if ":" not in options.backend:  # module:attribute names an adapter directly
+        from muon_core._registry import registered_name
+
+        try:
+            options.backend = registered_name(options.backend)
+        except ValueError as exc:
+            print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+            return 2
     return int(pytest.main(pytest_args(options, unknown + extra)))
