@@ -111,10 +111,16 @@ class Muon(torch.optim.Optimizer):
     routes every parameter (`opt.plan` shows the table); each user group becomes two torch
     groups, its Muon half then its AdamW half (possibly empty), each with its own "lr", so
     schedulers scale both.
+
+    `process_group` (a `ProcessGroup` or 1-D `DeviceMesh`; default None: not sharded) shards
+    the optimizer over replicated parameters: `shard="layerwise"` (one owner rank per Muon
+    parameter) or `"zero1"` (a flat slice per rank); `shard_adamw` shards AdamW moments by
+    whole parameters (else replicated). See docs/distributed.md and `reduce_gradients`.
     """
 
     def __init__(self, params: Iterable[Any], config: MuonConfig | None = None, *,
-                 module_kinds: Mapping[str, str] | None = None, **overrides: Any) -> None:
+                 module_kinds: Mapping[str, str] | None = None, process_group: Any = None,
+                 shard: str | None = None, shard_adamw: bool = True, **overrides: Any) -> None:
         config = MuonConfig() if config is None else config
         if not isinstance(config, MuonConfig):
             raise TypeError(f"config must be a MuonConfig, got {type(config).__name__}")
@@ -122,7 +128,15 @@ class Muon(torch.optim.Optimizer):
         self._module_kinds = dict(module_kinds or {})
         # Every parameter's plan entry, in the order the groups were added (the plan's order).
         self._entries: dict[torch.Tensor, ParamPlan] = {}
+        self._sharding = None
         super().__init__(params, {})
+        if process_group is not None:
+            from muon_torch._distributed import Sharding
+
+            self._sharding = Sharding(self, process_group, shard or "layerwise", shard_adamw)
+        elif shard is not None:
+            raise ValueError(f"shard={shard!r} needs a process_group: expected "
+                             "Muon(..., process_group=pg, shard=...)")
 
     @classmethod
     def for_model(cls, model: nn.Module, config: MuonConfig | None = None,
@@ -142,8 +156,24 @@ class Muon(torch.optim.Optimizer):
         """The routing decision for every parameter (print it for a table)."""
         return Plan(tuple(self._entries.values()), self.config)
 
+    @property
+    def owners(self) -> muon_core.OwnerTable | None:
+        """With a process group: each Muon parameter's owner rank and the Newton-Schulz load
+        per rank (print it for the table); None when not sharded."""
+        return None if self._sharding is None else self._sharding.owners
+
+    def reduce_gradients(self) -> None:
+        """With a process group, used instead of DDP after `backward()`: average the gradients
+        so that each rank receives exactly those it updates (see docs/distributed.md)."""
+        if self._sharding is None:
+            raise RuntimeError("reduce_gradients() needs Muon(..., process_group=pg)")
+        self._sharding.reduce_gradients()
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Route a user group's parameters and append its Muon half and its AdamW half."""
+        if getattr(self, "_sharding", None) is not None:
+            raise RuntimeError("add_param_group after construction is not supported with a "
+                               "process_group: the owner table is fixed at construction")
         user = parse_group(param_group, self.config, len(self._entries),
                            f"param group {len(self.param_groups) // 2}")
         self._check_new(user.names, user.params)
@@ -179,8 +209,17 @@ class Muon(torch.optim.Optimizer):
             known_names.add(name)
             known_params.add(param)
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's format; with a process group, a name-keyed dict of this rank's whole
+        tensors for `torch.distributed.checkpoint` (loads onto any world size)."""
+        if self._sharding is not None:
+            return self._sharding.state_dict()
+        return super().state_dict()
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by `state_dict()` from an optimizer routed the same way."""
+        if self._sharding is not None:
+            return self._sharding.load_state_dict(state_dict)
         saved_groups = state_dict["param_groups"]
         for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             if saved.get("algorithm") != group["algorithm"]:
@@ -211,6 +250,9 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._sharding is not None:
+            self._sharding.step()
+            return loss
         work = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
         muon = [(g, ps, *_ns_settings(g)) for g, ps in work if g["algorithm"] == "muon" and ps]
         if not self._gradients_usable([p for _, params in work for p in params]):
