@@ -265,7 +265,8 @@ def torch_distributed_run(inputs: str, outputs: str, rank: int) -> None:
             return
         Path(outputs).write_bytes(pickle.dumps({
             "params": {n: p.detach().numpy().copy() for n, p in named.items()},
-            "state_values": sum(t.numel() for s in opt.state.values() for t in s.values())}))
+            "state_sizes": {opt.plan.entries[i].name: sum(t.numel() for t in opt.state[p].values())
+                            for i, p in enumerate(named.values()) if opt.state.get(p)}}))
     finally:
         dist.destroy_process_group()
 
