@@ -137,3 +137,24 @@ def test_traffic_counter_uses_the_ring_model():
     counter.add("broadcast", 1000)
     # ring all-reduce: 2 (N-1)/N of the tensor per rank; broadcast/reduce: (N-1)/N
     assert counter.total == 1500 + 750
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shard", ["layerwise", "zero1"])
+def test_checkpoint_from_four_ranks_resumes_on_two_and_one(tmp_path, shard):
+    config = MuonConfig(ns_dtype="float32", rules=(GQA,))
+    params, grads = _inputs(4, 6)
+    expected = _single_process(params, grads, config)
+    folder = str(tmp_path / "checkpoint")
+    first = run_torch_workers({"params": params, "grads": grads[:3], "config": config.to_dict(),
+                               "shard": shard, "checkpoint": folder}, 4)
+    # The resumed runs see, on every rank, the mean of the four ranks' gradients.
+    means = [{n: np.mean([g[n].astype(np.float64) for g in per_rank], axis=0).astype(np.float32)
+              for n in SHAPES} for per_rank in grads[3:]]
+    for world_size, resumed_shard in ((2, shard), (1, "layerwise"), (2, "zero1")):
+        resumed = run_torch_workers({"params": first[0]["params"], "grads": means,
+                                     "config": config.to_dict(), "shard": resumed_shard,
+                                     "resume": folder}, world_size)
+        for name in SHAPES:
+            error = np.max(np.abs(resumed[0]["params"][name] - expected[name]))
+            assert error <= 1e-6 * np.max(np.abs(expected[name])), (world_size, name, error)

@@ -495,7 +495,9 @@ def ddp_counting_hook(counter: TrafficCounter) -> Callable:
     """A DDP communication hook: the default all-reduce of each gradient bucket, counted."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-    def hook(state: Any, bucket: Any) -> Any:
+    def hook(state, bucket):  # noqa: ANN001, ANN202 (DDP reads the annotations set below)
         counter.add("all_reduce", bucket.buffer().numel() * bucket.buffer().element_size())
         return default_hooks.allreduce_hook(state, bucket)
+    hook.__annotations__ = {"bucket": dist.GradBucket,
+                            "return": torch.futures.Future[torch.Tensor]}
     return hook

@@ -213,7 +213,8 @@ def run_torch_workers(payload: Mapping[str, Any], world_size: int,
     """Run `torch_distributed_run` on `world_size` fresh interpreters joined by gloo on
     127.0.0.1; returns each rank's outputs. `payload`: "params", "grads" (per step, a dict or
     a list with one dict per rank), "config" (or "configs", one per rank), optional "shard",
-    "shard_adamw"."""
+    "shard_adamw", "resume" and "checkpoint" (torch.distributed.checkpoint folders to load
+    the optimizer state from before the steps, and to save it to after them)."""
     with tempfile.TemporaryDirectory() as folder:
         inputs = Path(folder, "inputs.pkl")
         inputs.write_bytes(pickle.dumps({**payload, "world_size": world_size,
@@ -231,6 +232,15 @@ def run_torch_workers(payload: Mapping[str, Any], world_size: int,
             raise RuntimeError(f"torch workers {failed} failed:\n{logs[failed[0]][-3000:]}")
         return [pickle.loads(Path(folder, f"out{rank}.pkl").read_bytes())
                 for rank in range(world_size)]
+
+
+def _load_checkpoint(opt: Any, folder: str) -> None:
+    """`dcp.load` into the template `opt.state_dict()`, then `opt.load_state_dict`."""
+    import torch.distributed.checkpoint as dcp
+
+    state = opt.state_dict()
+    dcp.load(state, checkpoint_id=folder)
+    opt.load_state_dict(state)
 
 
 def torch_distributed_run(inputs: str, outputs: str, rank: int) -> None:
@@ -254,12 +264,18 @@ def torch_distributed_run(inputs: str, outputs: str, rank: int) -> None:
         try:
             opt = muon_class(list(named.items()), config, process_group=dist.group.WORLD,
                              shard=data.get("shard"), shard_adamw=data.get("shard_adamw", True))
+            if "resume" in data:
+                _load_checkpoint(opt, data["resume"])
             for grads in data["grads"]:
                 grads = grads[rank] if isinstance(grads, list) else grads
                 for name, param in named.items():
                     param.grad = torch.tensor(np.array(grads[name]))
                 opt.reduce_gradients()
                 opt.step()
+            if "checkpoint" in data:
+                import torch.distributed.checkpoint as dcp
+
+                dcp.save(opt.state_dict(), checkpoint_id=data["checkpoint"])
         except (ValueError, FloatingPointError) as exc:
             Path(outputs).write_bytes(pickle.dumps({"error": f"{type(exc).__name__}: {exc}"}))
             return
