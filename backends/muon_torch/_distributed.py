@@ -265,13 +265,14 @@ class Sharding:
         """One all-reduce of per-parameter flags (non-finite, has a gradient) so that every
         rank skips or raises together. ZeRO-1 needs the same gradient set on every rank."""
         index = {p: i for i, p in enumerate(self.opt._entries)}
-        flags = torch.zeros(2, len(index))
+        device = next(iter(index)).device  # NCCL reduces device tensors only
+        flags = torch.zeros(2, len(index), device=device)
         for p, g in grads.items():
             if g is not None:
                 if g.is_sparse:
                     raise ValueError(f"parameter {self.names[p]!r} with shape {tuple(p.shape)} "
                                      "has a sparse gradient: expected dense gradients")
-                flags[0, index[p]] = float(not bool(g.isfinite().all()))
+                flags[0, index[p]] = ~g.isfinite().all()  # no host sync per tensor
                 flags[1, index[p]] = 1.0
         totals = flags.clone()
         dist.all_reduce(totals, group=self.group)
@@ -344,10 +345,12 @@ class Sharding:
     # -- checkpoints ----------------------------------------------------------------------
 
     def _zero_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A fresh state (what the first step would create), so that a template has it."""
         if self.opt._entries[p].is_muon:
             return {"momentum_buffer": torch.zeros_like(p)}
-        return {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                "exp_avg_sq": torch.zeros_like(p)}
+        fused = any(g.get("fused") and p in g["params"] for g in self.opt.param_groups)
+        return {"step": torch.zeros((), device=p.device if fused else "cpu"),
+                "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
 
     def _full_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
         """`p`'s state with whole tensors (ZeRO-1 momentum is all-gathered)."""
