@@ -236,8 +236,12 @@ class Muon(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
 
     def __getstate__(self) -> dict[str, Any]:
+        if self._sharding is not None:
+            raise TypeError("a Muon with a process_group cannot be pickled or deep-copied: "
+                            "save state_dict() with torch.distributed.checkpoint instead")
         return {**super().__getstate__(), "config": self.config,
-                "_module_kinds": self._module_kinds, "_entries": self._entries}
+                "_module_kinds": self._module_kinds, "_entries": self._entries,
+                "_sharding": None}
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
