@@ -1,15 +1,16 @@
 """Bytes, optimizer memory and step time of sharded Muon next to ZeRO-1 AdamW and DDP + Muon.
 
 Usage: python benchmarks/distributed.py [--world-sizes 1 2 4] [--steps 2] [--ns-steps 5]
-       [--n-layer 12]
+       [--n-layer 12] [--contenders layerwise zero1 zero1-adamw ddp-muon]
 
 For each world size, `torchrun --standalone` starts that many gloo processes on this machine;
 every rank builds the GPT-2-small parameter set (`muon_core.gpt2_shapes`) and runs, one after
 the other, each contender for one warm-up step and `--steps` timed steps on seeded random
 gradients (different on every rank). Gradients come out of a backward pass through a module
 whose loss is `sum(p * g)`, so DDP reduces them as in training. Every collective is counted by
-one `TrafficCounter`: ours and torch's ZeroRedundancyOptimizer through `count_traffic`, DDP
-through a counting communication hook (the default all-reduce). Contenders:
+one `TrafficCounter` through `count_traffic`: ours, torch's ZeroRedundancyOptimizer, and DDP's
+gradient all-reduce (its default hook registered in Python, so the same wrapper sees it).
+Contenders:
 
 - `layerwise`, `zero1`: `Muon(process_group=WORLD, shard=...)`, no DDP, `opt.reduce_gradients()`;
 - `zero1-adamw`: DDP + `ZeroRedundancyOptimizer(AdamW)` on every parameter;
@@ -55,15 +56,16 @@ def _state_bytes(state) -> int:
                if hasattr(t, "numel"))
 
 
-def _contender(name, named, config, counter):
+def _contender(name, named, config):
     """(module to backward through, optimizer, after-backward hook, state dict to measure)."""
     import torch
     import torch.distributed as dist
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel
 
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
     from muon_torch import Muon
-    from muon_torch._distributed import ddp_counting_hook
 
     params = [p for _, p in named]
     module = LossOfGradients(params)
@@ -71,7 +73,7 @@ def _contender(name, named, config, counter):
         opt = Muon(named, config, process_group=dist.group.WORLD, shard=name)
         return module, opt, opt.reduce_gradients, lambda: opt.state
     ddp = DistributedDataParallel(module, bucket_cap_mb=32)
-    ddp.register_comm_hook(None, ddp_counting_hook(counter))
+    ddp.register_comm_hook(None, default_hooks.allreduce_hook)  # in Python: counted
     if name == "zero1-adamw":
         opt = ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, lr=1e-3)
         return ddp, opt, lambda: None, lambda: opt.optim.state
@@ -95,12 +97,12 @@ def worker(args: argparse.Namespace) -> None:
     load = muon_core.assign_owners(muon_core.plan(shapes, config), world).imbalance
     generator = torch.Generator().manual_seed(1000 + rank)
     grads = [torch.randn(s, generator=generator) for s in shapes.values()]
-    for name in CONTENDERS:
+    for name in args.contenders:
         init = torch.Generator().manual_seed(0)
         named = [(n, torch.nn.Parameter(torch.randn(s, generator=init) * 0.02))
                  for n, s in shapes.items()]
         counter = TrafficCounter(world)
-        module, opt, reduce, state = _contender(name, named, config, counter)
+        module, opt, reduce, state = _contender(name, named, config)
         times = []
         for step in range(args.steps + 1):
             dist.barrier()
@@ -135,6 +137,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--ns-steps", type=int, default=5)
     parser.add_argument("--n-layer", type=int, default=12)
+    parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -144,7 +147,7 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                         f"--nproc-per-node={world}", __file__, "--worker", "--steps",
                         str(args.steps), "--ns-steps", str(args.ns_steps), "--n-layer",
-                        str(args.n_layer)], check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                        str(args.n_layer), "--contenders", *args.contenders], check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
 if __name__ == "__main__":
