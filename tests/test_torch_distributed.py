@@ -100,6 +100,16 @@ def test_differing_parameter_shapes_raise_on_every_rank():
         assert "parameter names, shapes, dtypes or order differ" in out["error"]
 
 
+@pytest.mark.slow
+def test_a_group_without_this_rank_is_refused():
+    params, grads = _inputs(2, 1)
+    config = MuonConfig(ns_dtype="float32", rules=(GQA,))
+    outputs = run_torch_workers({"params": params, "grads": grads, "config": config.to_dict(),
+                                 "group_ranks": [0]}, 2)
+    assert "error" not in outputs[0]  # rank 0 forms the group alone and steps
+    assert "process_group does not contain this process (global rank 1)" in outputs[1]["error"]
+
+
 def test_shard_without_group_is_refused():
     with pytest.raises(ValueError, match="shard='zero1' needs a process_group"):
         Muon([torch.nn.Parameter(torch.ones(4, 4))], shard="zero1")

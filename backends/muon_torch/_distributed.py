@@ -34,6 +34,10 @@ def resolve_group(process_group: Any) -> dist.ProcessGroup:
                            "call torch.distributed.init_process_group first")
     from torch.distributed.device_mesh import DeviceMesh
 
+    if process_group is dist.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError(f"process_group does not contain this process (global rank "
+                         f"{dist.get_rank()}): expected a group this rank belongs to")
+
     if isinstance(process_group, DeviceMesh):
         if process_group.ndim != 1:
             raise ValueError(f"process_group is a DeviceMesh with {process_group.ndim=}: "
@@ -348,7 +352,8 @@ class Sharding:
         """A fresh state (what the first step would create), so that a template has it."""
         if self.opt._entries[p].is_muon:
             return {"momentum_buffer": torch.zeros_like(p)}
-        fused = any(g.get("fused") and p in g["params"] for g in self.opt.param_groups)
+        fused = any(g.get("fused") and any(q is p for q in g["params"])
+                    for g in self.opt.param_groups)
         return {"step": torch.zeros((), device=p.device if fused else "cpu"),
                 "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
 
@@ -467,8 +472,9 @@ def _size_arg(name: str, args: tuple, kwargs: dict) -> torch.Tensor:
 
 
 def count_traffic(counter: TrafficCounter) -> Iterator[None]:
-    """Context manager: route `torch.distributed`'s collectives (those Muon, torch's
-    ZeroRedundancyOptimizer and `ddp_counting_hook` call) through `counter`."""
+    """Context manager: route `torch.distributed`'s collectives through `counter`: those Muon
+    and torch's ZeroRedundancyOptimizer call, and DDP's when its Python all-reduce hook
+    (`ddp_comm_hooks.default_hooks.allreduce_hook`) is registered."""
     import contextlib
 
     @contextlib.contextmanager
@@ -492,15 +498,3 @@ def count_traffic(counter: TrafficCounter) -> Iterator[None]:
                 setattr(dist, name, fn)
 
     return patched()
-
-
-def ddp_counting_hook(counter: TrafficCounter) -> Callable:
-    """A DDP communication hook: the default all-reduce of each gradient bucket, counted."""
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-    def hook(state, bucket):  # noqa: ANN001, ANN202 (DDP reads the annotations set below)
-        counter.add("all_reduce", bucket.buffer().numel() * bucket.buffer().element_size())
-        return default_hooks.allreduce_hook(state, bucket)
-    hook.__annotations__ = {"bucket": dist.GradBucket,
-                            "return": torch.futures.Future[torch.Tensor]}
-    return hook

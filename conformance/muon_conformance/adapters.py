@@ -213,8 +213,9 @@ def run_torch_workers(payload: Mapping[str, Any], world_size: int,
     """Run `torch_distributed_run` on `world_size` fresh interpreters joined by gloo on
     127.0.0.1; returns each rank's outputs. `payload`: "params", "grads" (per step, a dict or
     a list with one dict per rank), "config" (or "configs", one per rank), optional "shard",
-    "shard_adamw", "resume" and "checkpoint" (torch.distributed.checkpoint folders to load
-    the optimizer state from before the steps, and to save it to after them)."""
+    "shard_adamw", "group_ranks" (a subgroup instead of the world), "resume" and "checkpoint"
+    (torch.distributed.checkpoint folders to load the optimizer state from before the steps,
+    and to save it to after them)."""
     with tempfile.TemporaryDirectory() as folder:
         inputs = Path(folder, "inputs.pkl")
         inputs.write_bytes(pickle.dumps({**payload, "world_size": world_size,
@@ -229,7 +230,8 @@ def run_torch_workers(payload: Mapping[str, Any], world_size: int,
         logs = [w.communicate(timeout=timeout)[0] for w in workers]
         failed = [rank for rank, w in enumerate(workers) if w.returncode != 0]
         if failed:
-            raise RuntimeError(f"torch workers {failed} failed:\n{logs[failed[0]][-3000:]}")
+            tails = "\n".join(f"--- rank {r}:\n{logs[r][-2000:]}" for r in failed)
+            raise RuntimeError(f"torch workers {failed} failed:\n{tails}")
         return [pickle.loads(Path(folder, f"out{rank}.pkl").read_bytes())
                 for rank in range(world_size)]
 
@@ -262,7 +264,9 @@ def torch_distributed_run(inputs: str, outputs: str, rank: int) -> None:
         params = data["params"][rank] if isinstance(data["params"], list) else data["params"]
         named = {n: torch.nn.Parameter(torch.tensor(np.array(p))) for n, p in params.items()}
         try:
-            opt = muon_class(list(named.items()), config, process_group=dist.group.WORLD,
+            group = (dist.new_group(data["group_ranks"]) if "group_ranks" in data
+                     else dist.group.WORLD)
+            opt = muon_class(list(named.items()), config, process_group=group,
                              shard=data.get("shard"), shard_adamw=data.get("shard_adamw", True))
             if "resume" in data:
                 _load_checkpoint(opt, data["resume"])
