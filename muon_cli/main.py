@@ -32,9 +32,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from muon_cli.plan_cmd import run_plan
+    from muon_cli.plan_cmd import owner_report, run_plan
 
-    print(run_plan(args.model, args.config, args.layout))
+    plan = run_plan(args.model, args.config, args.layout)
+    print(plan)
+    if args.world_size is not None:
+        print()
+        print(owner_report(plan, args.world_size))
     return 0
 
 
@@ -89,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--config", help="a .toml or .json MuonConfig file (rules, lr_scaling)")
     plan.add_argument("--layout", choices=("out_in", "in_out"), default="out_in",
                       help="axis order of shapes given as a mapping (default: out_in, torch's)")
+    plan.add_argument("--world-size", type=int, default=None, metavar="N",
+                      help="also print the owner rank of each Muon matrix on N ranks and the "
+                      "Newton-Schulz load per rank")
 
     bench = sub.add_parser("bench", help="time our step against torch.optim.Muon and optax",
                            description="Time Newton-Schulz and the full step of our backends "

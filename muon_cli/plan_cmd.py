@@ -85,3 +85,14 @@ def run_plan(model_or_config: str, config_path: str | None = None,
     """Build the plan that `muon plan` prints."""
     model, config = resolve(model_or_config, config_path)
     return plan_for(load_model(model), config, layout)
+
+
+def owner_report(plan: Plan, world_size: int) -> str:
+    """`muon plan --world-size N`: each Muon parameter's owner rank and NS cost, then the load
+    per rank (`muon_core.assign_owners`, the table `Muon(process_group=...)` uses)."""
+    owners = muon_core.assign_owners(plan, world_size)
+    width = max((len(name) for name in owners.owner), default=4)
+    lines = [f"{'name'.ljust(width)}  owner  NS GFLOP/step"]
+    lines += [f"{name.ljust(width)}  {rank:>5}  {owners.cost[name] / 1e9:>13.3f}"
+              for name, rank in owners.owner.items()]
+    return "\n".join(lines + ["", owners.table()])

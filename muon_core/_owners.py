@@ -6,6 +6,7 @@ Every rank (and both frameworks) computes the same table from the same plan with
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 
 from muon_core._plan import ParamPlan, Plan
@@ -65,23 +66,37 @@ class OwnerTable:
         return self.table()
 
 
-def assign_owners(plan: Plan, world_size: int, steps: int | None = None) -> OwnerTable:
-    """Give each Muon parameter of `plan` one owner rank in `range(world_size)`, balancing
-    Newton-Schulz flops (greedy, largest first). `steps` defaults to `plan.config.ns_steps`."""
+def _balance(names: list[str], cost: Mapping[str, int], world_size: int
+             ) -> tuple[dict[str, int], tuple[int, ...]]:
+    """Greedy balance: largest cost first (ties in list order), each to the least-loaded rank
+    (ties to the lowest rank). Returns `({name: rank}, load per rank)`."""
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size={world_size!r} is invalid: expected a positive int")
-    steps = plan.config.ns_steps if steps is None else steps
-    entries = plan.muon
-    cost = {e.name: param_ns_flops(e, steps) for e in entries}
-    order = sorted(range(len(entries)), key=lambda i: (-cost[entries[i].name], i))
+    order = sorted(range(len(names)), key=lambda i: (-cost[names[i]], i))
     load = [0] * world_size
     owner_of_index: dict[int, int] = {}
     for index in order:
         rank = min(range(world_size), key=lambda r: (load[r], r))
         owner_of_index[index] = rank
-        load[rank] += cost[entries[index].name]
-    owner = {entries[i].name: owner_of_index[i] for i in range(len(entries))}
-    return OwnerTable(world_size, owner, cost, tuple(load))
+        load[rank] += cost[names[index]]
+    return {names[i]: owner_of_index[i] for i in range(len(names))}, tuple(load)
+
+
+def assign_owners(plan: Plan, world_size: int, steps: int | None = None) -> OwnerTable:
+    """Give each Muon parameter of `plan` one owner rank in `range(world_size)`, balancing
+    Newton-Schulz flops (greedy, largest first). `steps` defaults to `plan.config.ns_steps`."""
+    steps = plan.config.ns_steps if steps is None else steps
+    cost = {e.name: param_ns_flops(e, steps) for e in plan.muon}
+    owner, load = _balance(list(cost), cost, world_size)
+    return OwnerTable(world_size, owner, cost, load)
+
+
+def assign_adamw_owners(plan: Plan, world_size: int) -> OwnerTable:
+    """Give each AdamW parameter of `plan` one owner rank, balancing element counts (the
+    optimizer-state bytes), the way ZeRO-1 partitions whole parameters. `load` counts values."""
+    cost = {e.name: math.prod(e.shape) for e in plan.adamw}
+    owner, load = _balance(list(cost), cost, world_size)
+    return OwnerTable(world_size, owner, cost, load)
 
 
 def total_ns_flops(plan: Plan, steps: int | None = None) -> int:

@@ -47,6 +47,17 @@ def test_plan_gpt2_routes_hidden_matrices_to_muon(capsys):
     assert "48 of 149 tensors" in out
 
 
+def test_plan_world_size_prints_owners_and_load(capsys):
+    assert main(["plan", "gpt2", "--world-size", "4"]) == 0
+    out = capsys.readouterr().out
+    owner_rows = [line.split() for line in out.split("owner  NS GFLOP/step")[1].splitlines()
+                  if line.startswith("h.")]
+    assert len(owner_rows) == 48  # every Muon matrix has one owner
+    assert {int(row[1]) for row in owner_rows} == {0, 1, 2, 3}
+    # Each of the 12 layers has the same four matrices, so 4 ranks can share them evenly.
+    assert "world size 4: load max/mean 1.000" in out
+
+
 def test_plan_cnn_flattens_convolutions(capsys):
     assert main(["plan", "cnn"]) == 0
     out = capsys.readouterr().out

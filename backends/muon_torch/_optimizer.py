@@ -169,11 +169,17 @@ class Muon(torch.optim.Optimizer):
     `adamw["lr"]`) may be a 1-element tensor, as in torch.optim. `master_weights=True` keeps a
     float32 copy of every bfloat16/float16 parameter, updated by the step and rounded into the
     parameter.
+
+    `process_group` (a `ProcessGroup` or 1-D `DeviceMesh`; default None: not sharded) shards
+    the optimizer over replicated parameters: `shard="layerwise"` (one owner rank per Muon
+    parameter) or `"zero1"` (a flat slice per rank); `shard_adamw` shards AdamW moments by
+    whole parameters (else replicated). See docs/distributed.md and `reduce_gradients`.
     """
 
     def __init__(self, params: Iterable[Any], config: MuonConfig | None = None, *,
                  module_kinds: Mapping[str, str] | ModuleHints | None = None,
-                 master_weights: bool = False,
+                 master_weights: bool = False, process_group: Any = None,
+                 shard: str | None = None, shard_adamw: bool = True,
                  **overrides: Any) -> None:
         config = MuonConfig() if config is None else config
         if not isinstance(config, MuonConfig):
@@ -187,10 +193,18 @@ class Muon(torch.optim.Optimizer):
         self._module_kinds = as_hints(module_kinds)
         # Every parameter's plan entry, in the order the groups were added (the plan's order).
         self._entries: dict[torch.Tensor, ParamPlan] = {}
+        self._sharding = None
         # torch's schedulers read `lr` and, to cycle momentum, `momentum` here; AdamW halves hold
         # `momentum=None` (beta1 from `betas`) until a scheduler writes their beta1 there.
         super().__init__(params, {"lr": self._lr_tensors.get("muon", self.config.lr),
                                   "momentum": self.config.momentum})
+        if process_group is not None:
+            from muon_torch._distributed import Sharding
+
+            self._sharding = Sharding(self, process_group, shard or "layerwise", shard_adamw)
+        elif shard is not None:
+            raise ValueError(f"shard={shard!r} needs a process_group: expected "
+                             "Muon(..., process_group=pg, shard=...)")
 
     @classmethod
     def for_model(cls, model: nn.Module, config: MuonConfig | None = None,
@@ -215,8 +229,24 @@ class Muon(torch.optim.Optimizer):
         return Plan(tuple(self._entries.values()), self.config,
                     muon_core.describe_ns_dtype(self.config.ns_dtype, device_facts(device)))
 
+    @property
+    def owners(self) -> muon_core.OwnerTable | None:
+        """With a process group: each Muon parameter's owner rank and the Newton-Schulz load
+        per rank (print it for the table); None when not sharded."""
+        return None if self._sharding is None else self._sharding.owners
+
+    def reduce_gradients(self) -> None:
+        """With a process group, used instead of DDP after `backward()`: average the gradients
+        so that each rank receives exactly those it updates (see docs/distributed.md)."""
+        if self._sharding is None:
+            raise RuntimeError("reduce_gradients() needs Muon(..., process_group=pg)")
+        self._sharding.reduce_gradients()
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Route a user group's parameters and append its Muon half and its AdamW half."""
+        if getattr(self, "_sharding", None) is not None:
+            raise RuntimeError("add_param_group after construction is not supported with a "
+                               "process_group: the owner table is fixed at construction")
         spec, lr_tensors = _take_tensor_lrs(param_group)
         user = parse_group(spec, self.config, len(self._entries),
                            f"param group {len(self.param_groups) // 2}")
@@ -261,9 +291,18 @@ class Muon(torch.optim.Optimizer):
             known_names.add(name)
             in_this_group.add(param)
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's format; with a process group, a name-keyed dict of this rank's whole
+        tensors for `torch.distributed.checkpoint` (loads onto any world size)."""
+        if self._sharding is not None:
+            return self._sharding.state_dict()
+        return super().state_dict()
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by `state_dict()` from an optimizer routed the same way; the
         groups keep this optimizer's parameter names."""
+        if self._sharding is not None:
+            return self._sharding.load_state_dict(state_dict)
         saved_groups = state_dict["param_groups"]
         for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             if saved.get("algorithm") != group["algorithm"]:
@@ -290,9 +329,12 @@ class Muon(torch.optim.Optimizer):
                                 device=param.device, dtype=torch.float32, copy=True)
 
     def __getstate__(self) -> dict[str, Any]:
+        if self._sharding is not None:
+            raise TypeError("a Muon with a process_group cannot be pickled or deep-copied: "
+                            "save state_dict() with torch.distributed.checkpoint instead")
         return {**super().__getstate__(), "config": self.config, "_lr_tensors": self._lr_tensors,
                 "_master_weights": self._master_weights, "_module_kinds": self._module_kinds,
-                "_entries": self._entries}
+                "_entries": self._entries, "_sharding": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Also called by `load_state_dict`: an AdamW `step` saved as a Python number (older
@@ -320,6 +362,9 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._sharding is not None:
+            self._sharding.step()
+            return loss
         work = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
         muon = [(g, ps, *_ns_settings(g)) for g, ps in work if g["algorithm"] == "muon" and ps]
         if not self._gradients_usable([p for _, params in work for p in params]):

@@ -143,7 +143,7 @@ class TorchAdapter:
     """`muon_torch.Muon` over `torch.nn.Parameter`s (torch layout, as the suite uses)."""
 
     name = "torch"
-    capabilities = frozenset({BF16, FLOAT64, QK_CLIP})
+    capabilities = frozenset({BF16, FLOAT64, QK_CLIP, DISTRIBUTED})
 
     def __init__(self) -> None:
         self.muon_class = _require("muon_torch", "Muon", 'pip install "muon-core[torch]"')
@@ -203,6 +203,107 @@ class TorchAdapter:
         handle = self.make(params, config)
         handle.optimizer.load_state_dict(saved)
         return handle
+
+
+    def run_distributed(self, params: Mapping[str, Any], config: MuonConfig,
+                        grads: Sequence[Mapping[str, Any]], world_size: int) -> dict:
+        """The final parameters after `grads` with `Muon(process_group=...)` (layer-wise
+        owners) on `world_size` gloo processes on 127.0.0.1, each seeing the same gradients."""
+        payload = {"params": dict(params), "grads": [dict(g) for g in grads],
+                   "config": config.to_dict()}
+        return run_torch_workers(payload, world_size)[0]["params"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_torch_workers(payload: Mapping[str, Any], world_size: int,
+                      timeout: float = 600) -> list[dict]:
+    """Run `torch_distributed_run` on `world_size` fresh interpreters joined by gloo on
+    127.0.0.1; returns each rank's outputs. `payload`: "params", "grads" (per step, a dict or
+    a list with one dict per rank), "config" (or "configs", one per rank), optional "shard",
+    "shard_adamw", "group_ranks" (a subgroup instead of the world), "resume" and "checkpoint"
+    (torch.distributed.checkpoint folders to load the optimizer state from before the steps,
+    and to save it to after them)."""
+    with tempfile.TemporaryDirectory() as folder:
+        inputs = Path(folder, "inputs.pkl")
+        inputs.write_bytes(pickle.dumps({**payload, "world_size": world_size,
+                                         "port": free_port()}))
+        code = ("import sys; from muon_conformance.adapters import torch_distributed_run; "
+                "torch_distributed_run(sys.argv[1], sys.argv[2], int(sys.argv[3]))")
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        workers = [subprocess.Popen([sys.executable, "-c", code, str(inputs),
+                                     str(Path(folder, f"out{rank}.pkl")), str(rank)], env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                   for rank in range(world_size)]
+        logs = [w.communicate(timeout=timeout)[0] for w in workers]
+        failed = [rank for rank, w in enumerate(workers) if w.returncode != 0]
+        if failed:
+            tails = "\n".join(f"--- rank {r}:\n{logs[r][-2000:]}" for r in failed)
+            raise RuntimeError(f"torch workers {failed} failed:\n{tails}")
+        return [pickle.loads(Path(folder, f"out{rank}.pkl").read_bytes())
+                for rank in range(world_size)]
+
+
+def _load_checkpoint(opt: Any, folder: str) -> None:
+    """`dcp.load` into the template `opt.state_dict()`, then `opt.load_state_dict`."""
+    import torch.distributed.checkpoint as dcp
+
+    state = opt.state_dict()
+    dcp.load(state, checkpoint_id=folder)
+    opt.load_state_dict(state)
+
+
+def torch_distributed_run(inputs: str, outputs: str, rank: int) -> None:
+    """One rank of `run_torch_workers`: gloo on 127.0.0.1, `Muon(process_group=WORLD)`, then
+    per step `reduce_gradients()` and `step()`; writes the parameters, or the error raised."""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    muon_class = _require("muon_torch", "Muon", 'pip install "muon-core[torch]"')
+    data = pickle.loads(Path(inputs).read_bytes())
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{data['port']}", rank=rank,
+                            world_size=data["world_size"], timeout=timedelta(seconds=60))
+    try:
+        config = MuonConfig.from_dict(data["configs"][rank] if "configs" in data
+                                      else data["config"])
+        params = data["params"][rank] if isinstance(data["params"], list) else data["params"]
+        named = {n: torch.nn.Parameter(torch.tensor(np.array(p))) for n, p in params.items()}
+        try:
+            group = (dist.new_group(data["group_ranks"]) if "group_ranks" in data
+                     else dist.group.WORLD)
+            opt = muon_class(list(named.items()), config, process_group=group,
+                             shard=data.get("shard"), shard_adamw=data.get("shard_adamw", True))
+            if "resume" in data:
+                _load_checkpoint(opt, data["resume"])
+            for grads in data["grads"]:
+                grads = grads[rank] if isinstance(grads, list) else grads
+                for name, param in named.items():
+                    param.grad = torch.tensor(np.array(grads[name]))
+                opt.reduce_gradients()
+                opt.step()
+            if "checkpoint" in data:
+                import torch.distributed.checkpoint as dcp
+
+                dcp.save(opt.state_dict(), checkpoint_id=data["checkpoint"])
+        except (ValueError, FloatingPointError) as exc:
+            Path(outputs).write_bytes(pickle.dumps({"error": f"{type(exc).__name__}: {exc}"}))
+            return
+        Path(outputs).write_bytes(pickle.dumps({
+            "params": {n: p.detach().numpy().copy() for n, p in named.items()},
+            "state_sizes": {opt.plan.entries[i].name: sum(t.numel() for t in opt.state[p].values())
+                            for i, p in enumerate(named.values()) if opt.state.get(p)}}))
+    finally:
+        dist.destroy_process_group()
 
 
 @dataclasses.dataclass

@@ -1,0 +1,170 @@
+"""muon_torch.Muon(process_group=...): gloo processes on 127.0.0.1 end where one process does."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import muon_core  # noqa: E402
+from muon_conformance.adapters import TorchAdapter, run_torch_workers  # noqa: E402
+from muon_core import MuonConfig, Rule  # noqa: E402
+from muon_torch import Muon  # noqa: E402
+from muon_torch._distributed import TrafficCounter, make_buckets, slice_bounds  # noqa: E402
+
+pytestmark = [pytest.mark.torch]
+
+# Mixed shapes: same-shape groups, fused QKV, a GQA split by rule, a conv, an embedding,
+# norms, and a 1-row matrix (fewer rows than the world size).
+SHAPES = {"wte.weight": (40, 16), "h.0.attn.qkv.weight": (48, 16), "h.1.attn.qkv.weight": (48, 16),
+          "h.0.attn.proj.weight": (16, 16), "h.1.attn.proj.weight": (16, 16),
+          "h.0.mlp.fc.weight": (64, 16), "h.1.mlp.fc.weight": (64, 16),
+          "h.0.mlp.out.weight": (16, 64), "h.0.gqa.weight": (32, 16), "conv.weight": (8, 3, 3, 3),
+          "tiny.weight": (1, 16), "ln.weight": (16,), "ln.bias": (16,)}
+GQA = Rule(match="*gqa*", split=(16, 8, 8))
+
+
+def _inputs(world_size, steps, nan_at=None, seed=0):
+    """Parameters and per-rank gradients (a NaN in rank 1's gradient at step `nan_at`)."""
+    rng = np.random.default_rng(seed)
+    params = {n: rng.standard_normal(s).astype(np.float32) for n, s in SHAPES.items()}
+    grads = [[{n: rng.standard_normal(s).astype(np.float32) for n, s in SHAPES.items()}
+              for _ in range(world_size)] for _ in range(steps)]
+    if nan_at is not None:
+        grads[nan_at][min(1, world_size - 1)]["h.0.mlp.fc.weight"][3, 5] = np.nan
+    return params, grads
+
+
+def _single_process(params, grads, config):
+    """One process stepping on the mean gradient (float64 mean, rounded once)."""
+    adapter = TorchAdapter()
+    handle = adapter.make(params, config)
+    for per_rank in grads:
+        mean = {n: np.mean([g[n].astype(np.float64) for g in per_rank], axis=0).astype(np.float32)
+                for n in SHAPES}
+        handle = adapter.step(handle, mean)
+    return adapter.params(handle)
+
+
+def _check_equivalence(world_size, steps, shard, **options):
+    config = MuonConfig(ns_dtype="float32", nonfinite="skip", rules=(GQA,), **options)
+    params, grads = _inputs(world_size, steps, nan_at=1)
+    outputs = run_torch_workers({"params": params, "grads": grads, "config": config.to_dict(),
+                                 "shard": shard}, world_size)
+    expected = _single_process(params, grads, config)
+    for rank, out in enumerate(outputs):
+        assert "error" not in out, out
+        for name in SHAPES:
+            scale = np.max(np.abs(expected[name]))
+            error = np.max(np.abs(out["params"][name] - expected[name])) / scale
+            assert error <= 1e-6, f"rank {rank} {name}: relative error {error:.2e}"
+    plan = muon_core.plan(SHAPES, config)
+    for entry in plan.muon:
+        holders = [out["state_sizes"].get(entry.name, 0) for out in outputs]
+        numel = int(np.prod(entry.shape))
+        if shard == "layerwise":  # one rank keeps the whole momentum
+            assert sorted(holders) == [0] * (world_size - 1) + [numel], entry.name
+        else:  # every rank keeps its slice
+            assert sum(holders) == numel, entry.name
+
+
+@pytest.mark.parametrize("shard", ["layerwise", "zero1"])
+def test_two_ranks_equal_one_process(shard):
+    _check_equivalence(2, 3, shard)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("shard", ["layerwise", "zero1"])
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_many_ranks_twenty_steps_equal_one_process(world_size, shard, nesterov):
+    _check_equivalence(world_size, 20, shard, nesterov=nesterov,
+                       momentum_kind="ema" if nesterov else "sum")
+
+
+def test_differing_configs_raise_on_every_rank():
+    params, grads = _inputs(2, 1)
+    configs = [MuonConfig(ns_dtype="float32").to_dict(),
+               MuonConfig(ns_dtype="float32", lr=0.5).to_dict()]
+    outputs = run_torch_workers({"params": params, "grads": grads, "configs": configs}, 2)
+    for out in outputs:
+        assert "config differ between group rank 0 and group ranks [1]" in out["error"]
+
+
+@pytest.mark.slow
+def test_differing_parameter_shapes_raise_on_every_rank():
+    params, grads = _inputs(2, 1)
+    other = {**params, "tiny.weight": np.zeros((2, 16), np.float32)}
+    outputs = run_torch_workers({"params": [params, other], "grads": grads,
+                                 "config": MuonConfig().to_dict()}, 2)
+    for out in outputs:
+        assert "parameter names, shapes, dtypes or order differ" in out["error"]
+
+
+@pytest.mark.slow
+def test_a_group_without_this_rank_is_refused():
+    params, grads = _inputs(2, 1)
+    config = MuonConfig(ns_dtype="float32", rules=(GQA,))
+    outputs = run_torch_workers({"params": params, "grads": grads, "config": config.to_dict(),
+                                 "group_ranks": [0]}, 2)
+    assert "error" not in outputs[0]  # rank 0 forms the group alone and steps
+    assert "process_group does not contain this process (global rank 1)" in outputs[1]["error"]
+
+
+def test_shard_without_group_is_refused():
+    with pytest.raises(ValueError, match="shard='zero1' needs a process_group"):
+        Muon([torch.nn.Parameter(torch.ones(4, 4))], shard="zero1")
+
+
+def test_group_without_distributed_is_refused():
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialized"):
+        Muon([torch.nn.Parameter(torch.ones(4, 4))], process_group=object())
+
+
+def test_reduce_gradients_needs_a_group():
+    with pytest.raises(RuntimeError, match="process_group"):
+        Muon([torch.nn.Parameter(torch.ones(4, 4))]).reduce_gradients()
+
+
+@pytest.mark.parametrize("numel", [0, 1, 5, 8, 13])
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_slices_cover_the_tensor_once(numel, world_size):
+    covered = [i for r in range(world_size) for i in range(*slice_bounds(numel, world_size, r))]
+    assert covered == list(range(numel))
+
+
+def test_buckets_respect_the_limit_and_keep_order():
+    params = [torch.zeros(n) for n in (10, 10, 30, 5, 5)]
+    owners = {id(p): i % 2 for i, p in enumerate(params)}
+    buckets = make_buckets(params, lambda p: (owners[id(p)], False), limit=80)
+    # float32: 40, 40, 120, 20, 20 bytes; a bucket closes when the next one would pass 80
+    assert [[p.numel() for p in b.params] for b in buckets] == [[10], [10, 5], [30], [5]]
+    assert [b.owner for b in buckets] == [0, 1, 0, 0]
+
+
+def test_traffic_counter_uses_the_ring_model():
+    counter = TrafficCounter(world_size=4)
+    counter.add("all_reduce", 1000)
+    counter.add("broadcast", 1000)
+    # ring all-reduce: 2 (N-1)/N of the tensor per rank; broadcast/reduce: (N-1)/N
+    assert counter.total == 1500 + 750
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shard", ["layerwise", "zero1"])
+def test_checkpoint_from_four_ranks_resumes_on_two_and_one(tmp_path, shard):
+    config = MuonConfig(ns_dtype="float32", rules=(GQA,))
+    params, grads = _inputs(4, 6)
+    expected = _single_process(params, grads, config)
+    folder = str(tmp_path / "checkpoint")
+    first = run_torch_workers({"params": params, "grads": grads[:3], "config": config.to_dict(),
+                               "shard": shard, "checkpoint": folder}, 4)
+    # The resumed runs see, on every rank, the mean of the four ranks' gradients.
+    means = [{n: np.mean([g[n].astype(np.float64) for g in per_rank], axis=0).astype(np.float32)
+              for n in SHAPES} for per_rank in grads[3:]]
+    for world_size, resumed_shard in ((2, shard), (1, "layerwise"), (2, "zero1")):
+        resumed = run_torch_workers({"params": first[0]["params"], "grads": means,
+                                     "config": config.to_dict(), "shard": resumed_shard,
+                                     "resume": folder}, world_size)
+        for name in SHAPES:
+            error = np.max(np.abs(resumed[0]["params"][name] - expected[name]))
+            assert error <= 1e-6 * np.max(np.abs(expected[name])), (world_size, name, error)
