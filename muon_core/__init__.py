@@ -6,7 +6,10 @@ on any Array API array, and the reference step every backend is checked against.
 
 from muon_core._config import AdamWConfig, MuonConfig, Rule
 from muon_core._ns import NSSchedule, ns_schedule, orthogonalize, resolve_dtype
-from muon_core._owners import OwnerTable, assign_owners, ns_flops, param_ns_flops, total_ns_flops
+from muon_core._owners import (
+    OwnerTable, ShapeStack, assign_owners, ns_flops, pack_by_shape, packed_ns_flops, param_ns_flops,
+    total_ns_flops,
+)
 from muon_core._plan import ParamPlan, Plan, lr_scale, plan
 from muon_core._registry import available_backends, load_backend
 from muon_core._shapes import gpt2_shapes
@@ -25,10 +28,10 @@ from muon_core._reference import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdamWConfig", "MuonConfig", "NSSchedule", "OwnerTable", "ParamPlan", "Plan", "Rule",
+    "AdamWConfig", "MuonConfig", "NSSchedule", "OwnerTable", "ParamPlan", "Plan", "Rule", "ShapeStack",
     "assign_owners", "available_backends", "check_gradients", "from_matrices", "gpt2_shapes",
     "init_state", "interleaved_times", "load_backend", "lr_scale", "momentum_update",
-    "muon_update", "nonfinite_message", "ns_flops", "ns_schedule", "orthogonalize",
-    "param_ns_flops", "peer_schedule", "plan", "reference_step", "resolve_dtype", "to_matrices",
+    "muon_update", "nonfinite_message", "ns_flops", "ns_schedule", "orthogonalize", "pack_by_shape",
+    "packed_ns_flops", "param_ns_flops", "peer_schedule", "plan", "reference_step", "resolve_dtype", "to_matrices",
     "total_ns_flops",
 ]

@@ -19,6 +19,7 @@ import muon_core
 from muon_core import (
     MuonConfig, ParamPlan, Plan, from_matrices, nonfinite_message, ns_schedule, to_matrices,
 )
+from muon_jax._distributed import SHARDED_NS, find_mesh, orthogonalize_owned
 from muon_jax._ns import ns_dtype, orthogonalize_batch
 
 # Hyper-parameters that optax.inject_hyperparams may feed as arrays (tracers under jit).
@@ -316,14 +317,21 @@ def _from_blocks(blocks: list[jax.Array], entry: ParamPlan) -> jax.Array:
 
 
 def _muon_directions(grads: dict[str, Any], bufs: dict[str, Any], plan: Plan,
-                     config: MuonConfig, beta: Any) -> tuple[dict, dict]:
+                     config: MuonConfig, beta: Any, mesh: Any = None, axis: str | None = None,
+                     sharded_ns: str = "owner") -> tuple[dict, dict]:
     """Momentum, then Newton-Schulz on every block at once: (scaled O per leaf, new buffers).
 
-    NS needs whole matrices: under an explicit-axes mesh the directions are gathered first
-    and the results resharded like the gradients.
+    On a mesh with `sharded_ns="owner"` each device orthogonalizes its share of the matrices
+    (`orthogonalize_owned`). Otherwise NS needs whole matrices: under an explicit-axes mesh
+    the directions are gathered first and the results resharded like the gradients.
     """
     entries = plan.muon
     stepped = {e.name: _momentum(grads[e.name], bufs[e.name], beta, config) for e in entries}
+    target = find_mesh([d for d, _ in stepped.values()], mesh, axis) if entries else None
+    if target is not None and sharded_ns == "owner":
+        directions = orthogonalize_owned({n: d for n, (d, _) in stepped.items()}, plan, config,
+                                         *target)
+        return directions, {name: buf for name, (_, buf) in stepped.items()}
     shardings = {e.name: _explicit_sharding(grads[e.name]) for e in entries}
     blocks = [_to_blocks(_whole(stepped[e.name][0]), e) for e in entries]
     flat = orthogonalize_batch([b for leaf in blocks for b in leaf],
@@ -371,6 +379,11 @@ def _descent(step: jax.Array, param: Any, lr: Any, weight_decay: Any) -> jax.Arr
 
 
 # -- transformations -------------------------------------------------------------------------
+def _check_sharded_ns(sharded_ns: str) -> None:
+    if sharded_ns not in SHARDED_NS:
+        raise ValueError(f"sharded_ns={sharded_ns!r} is invalid: expected one of {SHARDED_NS}")
+
+
 class _Context(NamedTuple):
     names: list[str]
     grads: list[Any]
@@ -409,7 +422,8 @@ def _init_parts(params: Any, config: MuonConfig, layout: str,
 
 @_with_override_keywords
 def scale_by_muon(config: MuonConfig | None = None, *, layout: str = "in_out",
-                  algorithms: Mapping[str, str] | None = None,
+                  algorithms: Mapping[str, str] | None = None, mesh: Any = None,
+                  axis: str | None = None, sharded_ns: str = "owner",
                   **overrides: Any) -> optax.GradientTransformation:
     """The Muon direction alone: momentum, then Newton-Schulz times each block's LR scale.
 
@@ -419,6 +433,7 @@ def scale_by_muon(config: MuonConfig | None = None, *, layout: str = "in_out",
     Keywords as in `muon`; `momentum` may be injected.
     """
     config, hyper = resolve(config, overrides)
+    _check_sharded_ns(sharded_ns)
 
     def init_fn(params: Any) -> ScaleByMuonState:
         buffers, _, record = _init_parts(params, config, layout, algorithms)
@@ -430,7 +445,7 @@ def scale_by_muon(config: MuonConfig | None = None, *, layout: str = "in_out",
         grads = ctx.by_name
         ok, record = _finite_gate(ctx.names, ctx.grads, state.nonfinite, config.nonfinite)
         directions, bufs = _muon_directions(grads, state.momentum_buffer, ctx.plan, config,
-                                            hyper.momentum)
+                                            hyper.momentum, mesh, axis, sharded_ns)
         out = [directions.get(name, g) for name, g in grads.items()]
         out = _select(ok, out, [jnp.zeros_like(g) for g in ctx.grads])
         new_state = ScaleByMuonState(_select(ok, bufs, state.momentum_buffer), record)
@@ -441,7 +456,8 @@ def scale_by_muon(config: MuonConfig | None = None, *, layout: str = "in_out",
 
 @_with_override_keywords
 def muon(config: MuonConfig | None = None, *, layout: str = "in_out",
-         algorithms: Mapping[str, str] | None = None,
+         algorithms: Mapping[str, str] | None = None, mesh: Any = None,
+         axis: str | None = None, sharded_ns: str = "owner",
          **overrides: Any) -> optax.GradientTransformation:
     """Muon for the hidden matrices, AdamW for the rest, as one optax transformation.
 
@@ -464,6 +480,7 @@ def muon(config: MuonConfig | None = None, *, layout: str = "in_out",
     refuses the step and leaves the error to `raise_if_nonfinite(state)`.
     """
     config, hyper = resolve(config, overrides)
+    _check_sharded_ns(sharded_ns)
     needs_params = _has_decay(hyper.weight_decay) or _has_decay(hyper.adamw_weight_decay)
 
     def init_fn(params: Any) -> MuonState:
@@ -482,7 +499,7 @@ def muon(config: MuonConfig | None = None, *, layout: str = "in_out",
         ok, record = _finite_gate(ctx.names, ctx.grads, state.nonfinite, config.nonfinite)
         count = optax.safe_increment(state.count)
         muon_steps, bufs = _muon_directions(grads, state.momentum_buffer, ctx.plan, config,
-                                            hyper.momentum)
+                                            hyper.momentum, mesh, axis, sharded_ns)
         adamw_steps, mu, nu = _adamw_directions(adamw_grads, state.mu, state.nu, count, config,
                                                 hyper.adamw_lr)
         params_by_name = dict(zip(ctx.names, ctx.params or [None] * len(ctx.names)))
