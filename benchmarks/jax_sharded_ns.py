@@ -1,8 +1,10 @@
 """Per-device Newton-Schulz flops and collective bytes of one JAX update on 1, 2, 4, 8 devices.
 
-Usage: python benchmarks/jax_sharded_ns.py [--devices 1 2 4 8] [--ns-dtype bfloat16]
+Usage: python benchmarks/jax_sharded_ns.py [--devices 1 2 4 8] [--params replicated fsdp]
+[--ns-dtype float32]
 
-For each device count a fresh interpreter (the device count is fixed when JAX starts) compiles
+For each device count a fresh interpreter (the device count is fixed when JAX starts; the
+interpreters run side by side, nothing is timed) compiles
 one update of the GPT-2 small parameter set (`muon_core.gpt2_shapes`, float32) for abstract
 inputs, with the parameters replicated (data parallel) or sharded along their first divisible
 axis (FSDP), and reads the compiled per-device HLO:
@@ -95,7 +97,7 @@ def hlo_counts(hlo: str) -> tuple[float, float]:
     return flops, moved
 
 
-def _worker(ns_dtype: str) -> None:
+def _worker(ns_dtype: str, kinds: list[str]) -> None:
     import jax
     import jax.numpy as jnp
     import optax
@@ -135,37 +137,52 @@ def _worker(ns_dtype: str) -> None:
         "optax.contrib.muon (auto axes: XLA partitions)": (lambda m: optax.contrib.muon(
             0.02, muon_weight_dimension_numbers=dims), "Auto"),
     }
-    for kind in ("replicated", "fsdp"):
+    for kind in kinds:
         for name, (tx, axis_type) in contenders.items():
             flops, moved = measure(tx, axis_type, kind)
             print(json.dumps({"devices": n, "params": kind, "contender": name,
                               "gflop": flops / 1e9, "mb": moved / 1e6}), flush=True)
 
 
+def table(rows: list[dict]) -> str:
+    """The markdown table of measured rows (ratios to the same contender on one device)."""
+    single = {(r["params"], r["contender"]): r["gflop"] for r in rows if r["devices"] == 1}
+    lines = ["| params | devices | contender | NS GFLOP/device | x (1-device total / N) "
+             "| MB moved/device |", "|---|---:|---|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["params"], r["devices"])):
+        base = single.get((r["params"], r["contender"]))
+        ratio = f"{r['gflop'] / (base / r['devices']):.3f}" if base else "-"
+        lines.append(f"| {r['params']} | {r['devices']} | {r['contender']} | {r['gflop']:.1f} | "
+                     f"{ratio} | {r['mb']:.1f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--ns-dtype", default="float32")
+    parser.add_argument("--params", nargs="+", default=["replicated", "fsdp"],
+                        choices=["replicated", "fsdp"], help="parameter layouts to measure")
+    parser.add_argument("--rows", help="print the table of rows saved from workers' output")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return _worker(args.ns_dtype)
+        return _worker(args.ns_dtype, args.params)
+    if args.rows:
+        return print(table([json.loads(line) for line in open(args.rows) if line.strip()]))
+    workers = [subprocess.Popen(
+        [sys.executable, __file__, "--worker", "--ns-dtype", args.ns_dtype, "--params",
+         *args.params],
+        env=dict(os.environ, JAX_PLATFORMS="cpu",
+                 XLA_FLAGS=f"--xla_force_host_platform_device_count={n}"),
+        stdout=subprocess.PIPE, text=True) for n in args.devices]
     rows = []
-    for n in args.devices:
-        env = dict(os.environ, JAX_PLATFORMS="cpu",
-                   XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
-        done = subprocess.run([sys.executable, __file__, "--worker", "--ns-dtype", args.ns_dtype],
-                              env=env, capture_output=True, text=True, check=True)
-        rows += [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    single = {r["contender"]: r["gflop"] for r in rows if r["devices"] == 1}
-    print("| params | devices | contender | NS GFLOP/device | x (1-device total / N) "
-          "| MB moved/device |")
-    print("|---|---:|---|---:|---:|---:|")
-    for r in sorted(rows, key=lambda r: (r["params"], r["devices"])):
-        base = single.get(r["contender"])
-        ratio = f"{r['gflop'] / (base / r['devices']):.3f}" if base else "-"
-        print(f"| {r['params']} | {r['devices']} | {r['contender']} | {r['gflop']:.1f} | "
-              f"{ratio} | {r['mb']:.1f} |")
+    for worker in workers:
+        out, _ = worker.communicate()
+        if worker.returncode:
+            raise RuntimeError(f"a worker failed with exit status {worker.returncode}")
+        rows += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    print(table(rows))
 
 
 if __name__ == "__main__":

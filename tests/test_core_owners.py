@@ -79,7 +79,8 @@ def test_pack_by_shape_lists_every_matrix_once_oriented_and_in_owner_order():
         assert sorted(item for s in stacks for item in s.items) == _matrices(p)
         owners = assign_owners(p, world).owner
         for s in stacks:
-            assert s.rows <= s.cols and s.per_rank * world >= len(s.items) > (s.per_rank - 1) * world
+            assert s.rows <= s.cols
+            assert s.per_rank * world >= len(s.items) > (s.per_rank - 1) * world
             ranks = [owners[name] for name, _, _ in s.items]
             assert ranks == sorted(ranks)
             for name, block, _ in s.items:

@@ -9,6 +9,7 @@ there, and one all-to-all (or all-gather) brings the results back.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -115,10 +116,53 @@ def _local_ns(spec: P, axis: str, per_rank: int, ns: Any) -> Any:
     return sharded
 
 
-def _owned(directions: dict[str, jax.Array], plan: Plan, config: MuonConfig, mesh: Any,
-           axis: str, replicated: frozenset[str]) -> dict[str, jax.Array]:
-    """`orthogonalize_owned` on a mesh whose axes are `Auto` (XLA lays out the packing); the
-    leaves named in `replicated` are known to be whole on every device of `axis`."""
+def _sharded_matrix_axis(entry: ParamPlan, spec: P | None, axis: str) -> int:
+    """Which axis of the plan's `(batch, rows, cols)` view holds the leaf's dimension sharded
+    over `axis`: 0, 1 or 2; 1 (the output axis) when the sharding is not known."""
+    dims = [i for i, e in enumerate(spec or ()) if axis in (e if isinstance(e, tuple) else (e,))]
+    if not dims:
+        return 1
+    position, sizes = entry.perm.index(dims[0]), entry.permuted_shape
+    batch_end = next(k for k in range(len(sizes) + 1)
+                     if math.prod(sizes[:k]) == entry.matrix_shape[0])
+    rows_end = next(k for k in range(batch_end, len(sizes) + 1)
+                    if math.prod(sizes[batch_end:k]) == entry.matrix_shape[1])
+    return 0 if position < batch_end else 1 if position < rows_end else 2
+
+
+def _owner_stacks(plan: Plan, axis: str, n: int, replicated: frozenset[str], ns: Any):
+    """(items, padded size, stack spec, per-device function) of each `pack_by_shape` stack."""
+    for stack in pack_by_shape(plan, n):
+        spec = _stack_spec(stack, axis, all(name in replicated for name, _, _ in stack.items))
+        yield (stack.items, stack.per_rank * n, spec,
+               _local_ns(spec, axis, stack.per_rank, ns))
+
+
+def _blockwise_stacks(plan: Plan, axis: str, n: int, specs: dict[str, P | None], ns: Any):
+    """Stacks of same-shape blocks cut along the same axis into n pieces, each piece
+    orthogonalized alone where it lies."""
+    groups: dict[tuple[int, int, int], list[tuple[str, int, int]]] = {}
+    for entry in plan.muon:
+        batch, _, cols = entry.matrix_shape
+        along = _sharded_matrix_axis(entry, specs[entry.name], axis)
+        for block, rows in enumerate(entry.blocks):
+            split = 3 - along if rows > cols and along else along
+            shape = (min(rows, cols), max(rows, cols))
+            if split and shape[split - 1] % n:
+                raise ValueError(f"sharded_ns='blockwise' cannot cut parameter {entry.name!r} "
+                                 f"(block {shape[0]}x{shape[1]}) into {n} equal pieces along "
+                                 f"its axis {split}: expected a size divisible by {n}")
+            groups.setdefault((*shape, split), []).extend(
+                (entry.name, block, b) for b in range(batch))
+    for (_, _, split), items in groups.items():
+        size = len(items) if split else -(-len(items) // n) * n
+        yield items, size, P(*[axis if i == split else None for i in range(3)]), ns
+
+
+def _stacked(directions: dict[str, jax.Array], plan: Plan, config: MuonConfig, mesh: Any,
+             axis: str, mode: str, specs: dict[str, P | None]) -> dict[str, jax.Array]:
+    """`orthogonalize_owned` on a mesh whose axes are `Auto` (XLA lays out the packing);
+    `specs` are the directions' known PartitionSpecs (None when unknown)."""
     entries = {e.name: e for e in plan.muon}
     dtype = ns_dtype(config.ns_dtype)
     schedule = ns_schedule(config.ns_coefficients, config.ns_steps)
@@ -126,18 +170,22 @@ def _owned(directions: dict[str, jax.Array], plan: Plan, config: MuonConfig, mes
     def ns(x: jax.Array) -> jax.Array:
         return orthogonalize_batch([x], schedule, config.eps, dtype)[0]
 
+    n = mesh.shape[axis]
+    if mode == "blockwise":
+        stacks = _blockwise_stacks(plan, axis, n, specs, ns)
+    else:
+        replicated = frozenset(name for name, spec in specs.items()
+                               if spec is not None and axis not in _axes_of(spec))
+        stacks = _owner_stacks(plan, axis, n, replicated, ns)
     blocks = {n: _oriented_blocks(directions[n].astype(dtype), e) for n, e in entries.items()}
     results: dict[str, list[list[Any]]] = {
         n: [[None] * e.matrix_shape[0] for _ in e.blocks] for n, e in entries.items()}
-    for stack in pack_by_shape(plan, mesh.shape[axis]):
-        pieces = [blocks[name][block][b] for name, block, b in stack.items]
-        padding = stack.per_rank * stack.world_size - len(pieces)
-        pieces += [jnp.zeros((stack.rows, stack.cols), dtype)] * padding
-        spec = _stack_spec(stack, axis, all(name in replicated for name, _, _ in stack.items))
-        local = _local_ns(spec, axis, stack.per_rank, ns)
+    for items, size, spec, local in stacks:
+        pieces = [blocks[name][block][b] for name, block, b in items]
+        pieces += [jnp.zeros_like(pieces[0])] * (size - len(pieces))
         stacked = lax.with_sharding_constraint(jnp.stack(pieces), NamedSharding(mesh, spec))
         done = jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec)(stacked)
-        for index, (name, block, b) in enumerate(stack.items):
+        for index, (name, block, b) in enumerate(items):
             results[name][block][b] = done[index]
     return {name: _from_oriented([jnp.stack(per_batch) for per_batch in results[name]], entry,
                                  directions[name].dtype)
@@ -145,18 +193,22 @@ def _owned(directions: dict[str, jax.Array], plan: Plan, config: MuonConfig, mes
 
 
 def orthogonalize_owned(directions: dict[str, jax.Array], plan: Plan, config: MuonConfig,
-                        mesh: Any, axis: str) -> dict[str, jax.Array]:
-    """`lr_scale * NS(direction)` of every Muon leaf, each device of `axis` orthogonalizing
-    its share of every same-shape stack (`muon_core.pack_by_shape`); results keep the
-    directions' dtypes, and their shardings under explicit axes."""
+                        mesh: Any, axis: str, mode: str = "owner") -> dict[str, jax.Array]:
+    """`lr_scale * NS(direction)` of every Muon leaf on the devices of mesh axis `axis`.
+
+    `mode="owner"`: each device orthogonalizes its share of every same-shape stack
+    (`muon_core.pack_by_shape`), equal to the single-device result. `mode="blockwise"`: each
+    matrix is cut into pieces along the axis its leaf is sharded on (the output axis when
+    that is unknown) and each piece is orthogonalized alone, a different algorithm. Results
+    keep the directions' dtypes, and their shardings under explicit axes.
+    """
     if not any(t == AxisType.Explicit for t in mesh.axis_types):
-        return _owned(directions, plan, config, mesh, axis, frozenset())
+        return _stacked(directions, plan, config, mesh, axis, mode, dict.fromkeys(directions))
     specs = {n: _explicit_spec(d) or P() for n, d in directions.items()}
-    replicated = frozenset(n for n, spec in specs.items() if axis not in _axes_of(spec))
 
     def packed(directions: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        return _owned(directions, plan, config, jax.sharding.get_abstract_mesh(), axis,
-                      replicated)
+        return _stacked(directions, plan, config, jax.sharding.get_abstract_mesh(), axis, mode,
+                        specs)
 
     out_sharding = {n: NamedSharding(mesh, spec) for n, spec in specs.items()}
     return jax.sharding.auto_axes(packed, out_sharding=out_sharding)(directions)

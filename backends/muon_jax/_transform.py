@@ -321,16 +321,20 @@ def _muon_directions(grads: dict[str, Any], bufs: dict[str, Any], plan: Plan,
                      sharded_ns: str = "owner") -> tuple[dict, dict]:
     """Momentum, then Newton-Schulz on every block at once: (scaled O per leaf, new buffers).
 
-    On a mesh with `sharded_ns="owner"` each device orthogonalizes its share of the matrices
-    (`orthogonalize_owned`). Otherwise NS needs whole matrices: under an explicit-axes mesh
-    the directions are gathered first and the results resharded like the gradients.
+    On a mesh with `sharded_ns="owner"` (or "blockwise") each device orthogonalizes its share
+    of the matrices (`orthogonalize_owned`). Otherwise NS needs whole matrices: under an
+    explicit-axes mesh the directions are gathered first and the results resharded like the
+    gradients.
     """
     entries = plan.muon
     stepped = {e.name: _momentum(grads[e.name], bufs[e.name], beta, config) for e in entries}
     target = find_mesh([d for d, _ in stepped.values()], mesh, axis) if entries else None
-    if target is not None and sharded_ns == "owner":
+    if target is None and sharded_ns == "blockwise" and jax.device_count() > 1:
+        raise ValueError("sharded_ns='blockwise' needs the mesh: pass mesh= (and axis=) or use "
+                         "explicit axes, so that the blocks are known")
+    if target is not None and sharded_ns != "replicated":
         directions = orthogonalize_owned({n: d for n, (d, _) in stepped.items()}, plan, config,
-                                         *target)
+                                         *target, mode=sharded_ns)
         return directions, {name: buf for name, (_, buf) in stepped.items()}
     shardings = {e.name: _explicit_sharding(grads[e.name]) for e in entries}
     blocks = [_to_blocks(_whole(stepped[e.name][0]), e) for e in entries]
