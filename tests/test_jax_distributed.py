@@ -33,11 +33,11 @@ def _run(devices: int, *checks: str) -> str:
 
 
 def test_owner_mode_matches_unsharded_on_two_devices():
-    out = _run(2, "equal:Explicit:replicated:3", "equal:Explicit:fsdp:3", "equal:Auto:fsdp:3",
-               "wrappers:Explicit:fsdp:4", "nonfinite", "blockwise")
-    for case in ("Explicit replicated", "Explicit fsdp", "Auto fsdp"):
+    out = _run(2, "equal:Explicit:fsdp:3", "equal:Auto:fsdp:3", "wrappers:Explicit:replicated:4",
+               "nonfinite", "blockwise")
+    for case in ("Explicit fsdp", "Auto fsdp"):
         assert f"{case}: 3 steps match" in out, out
-    assert "wrappers Explicit fsdp: 4 steps match" in out, out
+    assert "wrappers Explicit replicated: 4 steps match" in out, out
     assert "non-finite raised" in out, out
     assert "blockwise matches" in out, out
 
@@ -108,16 +108,18 @@ def _grads(rng, steps):
             for _ in range(steps)]
 
 
-def _compare(label, sharded, plain, params_sharded, state, first, place_spec):
-    """Equal to the unsharded run, parameters and state in their shardings, momentum split."""
+def _compare(label, sharded, plain, state, first, placed):
+    """Equal to the unsharded run; the state's shardings the same after the first and the last
+    step; under explicit axes the parameters keep their shardings (under `Auto` axes output
+    shardings are XLA's choice)."""
     import jax
     import numpy as np
 
     for name in SHAPES:
         np.testing.assert_allclose(sharded[name], plain[name], rtol=1e-5, atol=2e-6,
                                    err_msg=f"{label}: {name}")
-        assert sharded[name].sharding.is_equivalent_to(place_spec[name], len(SHAPES[name])), (
-            label, name, sharded[name].sharding)
+        assert "Explicit" not in label or sharded[name].sharding.is_equivalent_to(
+            placed[name], len(SHAPES[name])), (label, name, sharded[name].sharding)
     drift = jax.tree.map(lambda s, x: s.is_equivalent_to(x.sharding, x.ndim), first, state)
     assert all(jax.tree.leaves(drift)), (label, drift)
 
@@ -145,7 +147,7 @@ def check_equal(axis_type: str, kind: str, steps: str) -> None:
     plain, _, _ = _trajectory(muon_jax.muon(_config()), params, grads, lambda t: t)
     tx = muon_jax.muon(_config(), mesh=mesh, axis="data")
     sharded, state, first = _trajectory(tx, params, grads, place)
-    _compare(f"{axis_type} {kind}", sharded, plain, params, state, first,
+    _compare(f"{axis_type} {kind}", sharded, plain, state, first,
              {k: v.sharding for k, v in place(params).items()})
     _momentum_split(state, kind, jax.device_count())
     print(f"{axis_type} {kind}: {steps} steps match")
@@ -168,7 +170,7 @@ def check_wrappers(axis_type: str, kind: str, steps: str) -> None:
 
     plain, _, _ = _trajectory(make(), params, grads, lambda t: t)
     sharded, state, first = _trajectory(make(mesh=mesh, axis="data"), params, grads, place)
-    _compare(f"wrappers {axis_type} {kind}", sharded, plain, params, state, first,
+    _compare(f"wrappers {axis_type} {kind}", sharded, plain, state, first,
              {k: v.sharding for k, v in place(params).items()})
     print(f"wrappers {axis_type} {kind}: {steps} steps match")
 
