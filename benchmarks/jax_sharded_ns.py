@@ -145,12 +145,17 @@ def _worker(ns_dtype: str, kinds: list[str]) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    """The markdown table of measured rows (ratios to the same contender on one device)."""
-    single = {(r["params"], r["contender"]): r["gflop"] for r in rows if r["devices"] == 1}
-    lines = ["| params | devices | contender | NS GFLOP/device | x (1-device total / N) "
+    """The markdown table of measured rows. The ratio column divides by (whole update / N),
+    the whole update being the largest per-device figure of the same library (a device that
+    runs every Newton-Schulz)."""
+    whole: dict[str, float] = {}
+    for r in rows:
+        library = r["contender"].split()[0]
+        whole[library] = max(whole.get(library, 0.0), r["gflop"])
+    lines = ["| params | devices | contender | NS GFLOP/device | x (whole / N) "
              "| MB moved/device |", "|---|---:|---|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (r["params"], r["devices"])):
-        base = single.get((r["params"], r["contender"]))
+        base = whole[r["contender"].split()[0]]
         ratio = f"{r['gflop'] / (base / r['devices']):.3f}" if base else "-"
         lines.append(f"| {r['params']} | {r['devices']} | {r['contender']} | {r['gflop']:.1f} | "
                      f"{ratio} | {r['mb']:.1f} |")
