@@ -8,8 +8,9 @@ from muon_core._architectures import name_kind, qkv_kind
 from muon_core._config import AdamWConfig, MuonConfig, Rule
 from muon_core._ns import (DeviceFacts, NSSchedule, auto_ns_dtype, describe_ns_dtype,
                            host_cpu_flags, ns_schedule, orthogonalize, resolve_dtype)
-from muon_core._owners import (OwnerTable, assign_adamw_owners, assign_owners, ns_flops,
-                              param_ns_flops, total_ns_flops)
+from muon_core._owners import (OwnerTable, ShapeStack, assign_adamw_owners, assign_owners,
+                              ns_flops, pack_by_shape, packed_ns_flops, param_ns_flops,
+                              total_ns_flops)
 from muon_core._plan import ParamPlan, Plan, lr_scale, plan
 from muon_core._qk_clip import QKClipConfig, QKRule, max_logits, qk_clip, qk_clip_scales
 from muon_core._registry import available_backends, load_backend
@@ -40,6 +41,7 @@ __all__ = [
     "QKClipConfig",
     "QKRule",
     "Rule",
+    "ShapeStack",
     "assign_adamw_owners",
     "assign_owners",
     "auto_ns_dtype",
@@ -61,6 +63,8 @@ __all__ = [
     "ns_flops",
     "ns_schedule",
     "orthogonalize",
+    "pack_by_shape",
+    "packed_ns_flops",
     "param_ns_flops",
     "plan",
     "qk_clip",

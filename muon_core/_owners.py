@@ -104,3 +104,49 @@ def total_ns_flops(plan: Plan, steps: int | None = None) -> int:
     steps = plan.config.ns_steps if steps is None else steps
     return sum(param_ns_flops(e, steps) for e in plan.muon)
 
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapeStack:
+    """The Newton-Schulz matrices of one oriented shape `(rows, cols)` (rows <= cols), split
+    evenly over ranks: rank r orthogonalizes `items[r * per_rank:(r + 1) * per_rank]`.
+
+    Each item is `(parameter name, block index, batch index)`. Items are in owner order (the
+    `assign_owners` rank of their parameter, then plan order), so a parameter's matrices stay
+    together and mostly on its owner; the last ranks may get fewer (padding).
+    """
+
+    rows: int
+    cols: int
+    items: tuple[tuple[str, int, int], ...]
+    world_size: int
+
+    @property
+    def per_rank(self) -> int:
+        """Matrices each rank orthogonalizes (the stack is padded to `per_rank * world_size`)."""
+        return -(-len(self.items) // self.world_size)
+
+    def rank_of(self, index: int) -> int:
+        """The rank that orthogonalizes `items[index]`."""
+        return index // self.per_rank
+
+
+def pack_by_shape(plan: Plan, world_size: int) -> tuple[ShapeStack, ...]:
+    """Every Muon matrix of `plan` (each block of each batch entry, oriented so rows <= cols),
+    grouped by shape and split evenly over `world_size` ranks; stacks in plan order of their
+    first matrix. A pure function of the plan, like `assign_owners`."""
+    owners = assign_owners(plan, world_size).owner
+    groups: dict[tuple[int, int], list[tuple[int, int, str, int, int]]] = {}
+    for index, entry in enumerate(plan.muon):
+        batch, _, cols = entry.matrix_shape
+        for block, rows in enumerate(entry.blocks):
+            shape = (min(rows, cols), max(rows, cols))
+            groups.setdefault(shape, []).extend(
+                (owners[entry.name], index, entry.name, block, b) for b in range(batch))
+    return tuple(ShapeStack(rows, cols, tuple(item[2:] for item in sorted(items)), world_size)
+                 for (rows, cols), items in groups.items())
+
+
+def packed_ns_flops(stacks: tuple[ShapeStack, ...], steps: int) -> int:
+    """Newton-Schulz flops each rank runs per step under `pack_by_shape` (padding included)."""
+    return sum(s.per_rank * ns_flops(s.rows, s.cols, steps) for s in stacks)

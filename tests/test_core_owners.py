@@ -64,3 +64,45 @@ def test_more_ranks_than_parameters_leaves_ranks_idle():
 def test_bad_world_size_is_named(world):
     with pytest.raises(ValueError, match="world_size="):
         assign_owners(plan({"a": (4, 4)}, MuonConfig()), world)
+
+
+def _matrices(p):
+    """Every (name, block, batch index) of the plan's Muon matrices, counted independently."""
+    return sorted((e.name, k, b) for e in p.muon for k in range(len(e.blocks))
+                  for b in range(e.matrix_shape[0]))
+
+
+def test_pack_by_shape_lists_every_matrix_once_oriented_and_in_owner_order():
+    config = MuonConfig(rules=(muon_core.Rule("stack", out_axes=(1,), in_axes=(2,)),))
+    p = plan({"h.0.attn.qkv.weight": (96, 32), "h.0.fc.weight": (128, 32),
+              "h.0.proj.weight": (32, 128), "stack": (6, 32, 32)}, config, layout="out_in")
+    for world in (1, 2, 3, 4):
+        stacks = muon_core.pack_by_shape(p, world)
+        assert sorted(item for s in stacks for item in s.items) == _matrices(p)
+        owners = assign_owners(p, world).owner
+        for s in stacks:
+            assert s.rows <= s.cols
+            assert s.per_rank * world >= len(s.items) > (s.per_rank - 1) * world
+            ranks = [owners[name] for name, _, _ in s.items]
+            assert ranks == sorted(ranks)
+            for name, block, _ in s.items:
+                rows, cols = p[name].blocks[block], p[name].matrix_shape[2]
+                assert (s.rows, s.cols) == (min(rows, cols), max(rows, cols))
+
+
+def test_a_stack_of_same_shape_matrices_is_split_across_ranks():
+    # One parameter holding 12 matrices of 32x16: 3 per rank at 4 ranks, not 12 on one owner.
+    config = MuonConfig(rules=(muon_core.Rule("layers", out_axes=(1,), in_axes=(2,)),))
+    stacks = muon_core.pack_by_shape(plan({"layers": (12, 16, 32)}, config), 4)
+    assert [(s.rows, s.cols, s.per_rank) for s in stacks] == [(16, 32, 3)]
+    assert [stacks[0].rank_of(i) for i in range(12)] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+
+
+def test_gpt2_small_packs_evenly_at_eight_ranks():
+    # GPT-2 small: 36 768x768 blocks from the fused QKV + 12 attention projections = 48, and
+    # 24 MLP matrices oriented 768x3072: 6 and 3 per rank at 8 ranks, no padding.
+    p = plan(gpt2_shapes(), MuonConfig())
+    stacks = muon_core.pack_by_shape(p, 8)
+    assert sorted((s.rows, s.cols, len(s.items), s.per_rank) for s in stacks) == [
+        (768, 768, 48, 6), (768, 3072, 24, 3)]
+    assert muon_core.packed_ns_flops(stacks, 5) * 8 == muon_core.total_ns_flops(p)

@@ -130,8 +130,15 @@ def test_signature_lists_every_config_field_for_inject_hyperparams():
 
     fields = {f.name for f in dataclasses.fields(MuonConfig)} | {"adamw_lr", "adamw_weight_decay"}
     for factory in (muon_jax.muon, muon_jax.scale_by_muon):
-        keywords = set(inspect.signature(factory).parameters) - {"config", "layout", "algorithms"}
+        keywords = set(inspect.signature(factory).parameters) - {"config", "layout", "algorithms",
+                                                              "mesh", "axis", "sharded_ns"}
         assert keywords == fields
+
+
+def test_bad_sharded_ns_is_named():
+    for factory in (muon_jax.muon, muon_jax.scale_by_muon):
+        with pytest.raises(ValueError, match="sharded_ns='everywhere' is invalid"):
+            factory(sharded_ns="everywhere")
 
 
 def test_bfloat16_close_to_reference():

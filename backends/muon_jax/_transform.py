@@ -16,9 +16,10 @@ import jax.numpy as jnp
 import optax
 
 from muon_core import (
-    MuonConfig, ParamPlan, from_matrices, momentum_update, ns_schedule, to_matrices,
+    MuonConfig, ParamPlan, Plan, from_matrices, momentum_update, ns_schedule, to_matrices,
 )
 from muon_jax._checks import check_leaves, check_params, check_state
+from muon_jax._distributed import SHARDED_NS, find_mesh, orthogonalize_owned
 from muon_jax._hyper import has_decay, resolve, with_override_keywords
 from muon_jax._nonfinite import NonfiniteRecord, finite_gate, fresh_record, select
 from muon_jax._ns import ns_dtype, orthogonalize_batch
@@ -78,16 +79,27 @@ def _from_blocks(blocks: list[jax.Array], entry: ParamPlan) -> jax.Array:
     return from_matrices(jnp.concatenate(scaled, axis=1), entry, xp=jnp)
 
 
-def _muon_directions(grads: Mapping[str, Any], bufs: Mapping[str, Any],
-                     entries: tuple[ParamPlan, ...], config: MuonConfig,
-                     beta: Any) -> tuple[dict, dict]:
+def _muon_directions(grads: Mapping[str, Any], bufs: Mapping[str, Any], plan: Plan,
+                     config: MuonConfig, beta: Any, mesh: Any = None, axis: str | None = None,
+                     sharded_ns: str = "owner") -> tuple[dict, dict]:
     """Momentum, then Newton-Schulz on every block at once: (scaled O per leaf, new buffers).
 
-    NS needs whole matrices: under an explicit-axes mesh the directions are gathered first
-    and the results resharded like the gradients.
+    On a mesh with `sharded_ns="owner"` (or "blockwise") each device orthogonalizes its share
+    of the matrices (`orthogonalize_owned`). Otherwise NS needs whole matrices: under an
+    explicit-axes mesh the directions are gathered first and the results resharded like the
+    gradients.
     """
+    entries = plan.muon
     stepped = {e.name: momentum_update(grads[e.name], bufs[e.name], beta, config.momentum_kind,
                                        config.nesterov) for e in entries}
+    target = find_mesh([d for d, _ in stepped.values()], mesh, axis) if entries else None
+    if target is None and sharded_ns == "blockwise" and jax.device_count() > 1:
+        raise ValueError("sharded_ns='blockwise' needs the mesh: pass mesh= (and axis=) or use "
+                         "explicit axes, so that the blocks are known")
+    if target is not None and sharded_ns != "replicated":
+        directions = orthogonalize_owned({n: d for n, (d, _) in stepped.items()}, plan, config,
+                                         *target, mode=sharded_ns)
+        return directions, {name: buf for name, (_, buf) in stepped.items()}
     shardings = {e.name: explicit_sharding(grads[e.name]) for e in entries}
     blocks = [_to_blocks(whole(stepped[e.name][0]), e) for e in entries]
     flat = orthogonalize_batch([b for leaf in blocks for b in leaf],
@@ -103,12 +115,13 @@ def _muon_directions(grads: Mapping[str, Any], bufs: Mapping[str, Any],
 
 
 def _directions(config: MuonConfig, momentum: Any, layout: str,
-                algorithms: Mapping[str, str] | None,
-                route_all: bool) -> optax.GradientTransformationExtraArgs:
+                algorithms: Mapping[str, str] | None, route_all: bool,
+                sharding: tuple[Any, str | None, str]) -> optax.GradientTransformationExtraArgs:
     """Muon leaves become `lr_scale * NS(momentum direction)`; other leaves pass through.
 
     `route_all` treats every leaf it is given as Muon (inside `muon`, where `optax.partition`
-    has already routed and masks the AdamW leaves out).
+    has already routed and masks the AdamW leaves out). `sharding` is `(mesh, axis,
+    sharded_ns)`, see `_muon_directions`.
     """
     def plan_of(names: list[str], leaves: list[Any]):
         chosen = dict.fromkeys(names, "muon") if route_all else algorithms
@@ -128,7 +141,7 @@ def _directions(config: MuonConfig, momentum: Any, layout: str,
         buf_names, buf_leaves, buf_treedef = flatten(state.momentum_buffer)
         bufs = dict(zip(buf_names, buf_leaves))
         check_state("momentum_buffer", bufs, {e.name: by_name[e.name] for e in plan.muon})
-        directions, new_bufs = _muon_directions(by_name, bufs, plan.muon, config, momentum)
+        directions, new_bufs = _muon_directions(by_name, bufs, plan, config, momentum, *sharding)
         out = treedef.unflatten([directions.get(n, g) for n, g in zip(names, grads)])
         return out, ScaleByMuonState(buf_treedef.unflatten([new_bufs[n] for n in buf_names]))
 
@@ -175,10 +188,16 @@ def _decayed_weights(weight_decay: Any) -> optax.GradientTransformation:
     return optax.add_decayed_weights(weight_decay) if has_decay(weight_decay) else optax.identity()
 
 
+def _check_sharded_ns(sharded_ns: str) -> None:
+    if sharded_ns not in SHARDED_NS:
+        raise ValueError(f"sharded_ns={sharded_ns!r} is invalid: expected one of {SHARDED_NS}")
+
+
 # -- the public transformations --------------------------------------------------------------
 @with_override_keywords
 def scale_by_muon(config: MuonConfig | None = None, *, layout: str = "in_out",
-                  algorithms: Mapping[str, str] | None = None,
+                  algorithms: Mapping[str, str] | None = None, mesh: Any = None,
+                  axis: str | None = None, sharded_ns: str = "owner",
                   **overrides: Any) -> optax.GradientTransformationExtraArgs:
     """The Muon direction alone: momentum, then Newton-Schulz times each block's LR scale.
 
@@ -189,13 +208,16 @@ def scale_by_muon(config: MuonConfig | None = None, *, layout: str = "in_out",
     `inner_state` is a `ScaleByMuonState`.
     """
     config, hyper = resolve(config, overrides)
-    return _guarded(_directions(config, hyper.momentum, layout, algorithms, route_all=False),
+    _check_sharded_ns(sharded_ns)
+    return _guarded(_directions(config, hyper.momentum, layout, algorithms, route_all=False,
+                                sharding=(mesh, axis, sharded_ns)),
                     config.nonfinite, needs_params=False)
 
 
 @with_override_keywords
 def muon(config: MuonConfig | None = None, *, layout: str = "in_out",
-         algorithms: Mapping[str, str] | None = None,
+         algorithms: Mapping[str, str] | None = None, mesh: Any = None,
+         axis: str | None = None, sharded_ns: str = "owner",
          **overrides: Any) -> optax.GradientTransformationExtraArgs:
     """Muon for the hidden matrices, AdamW for the rest, as one optax transformation.
 
@@ -220,10 +242,18 @@ def muon(config: MuonConfig | None = None, *, layout: str = "in_out",
     FloatingPointError naming the leaves. Under jit it raises through a host callback on one
     device (JAX reports a JaxRuntimeError) and, with several devices, refuses the step and
     leaves the error to `raise_if_nonfinite(state)`.
+
+    On a mesh (`mesh=` and `axis=`, else `jax.set_mesh`'s, else the explicit shardings of the
+    parameters) `sharded_ns="owner"` divides the Newton-Schulz work over `axis` with
+    `muon_core.assign_owners`' table; "replicated" runs every Newton-Schulz on every device;
+    "blockwise" orthogonalizes each device's local piece alone (a different algorithm, only
+    when asked for). See docs/distributed.md.
     """
     config, hyper = resolve(config, overrides)
+    _check_sharded_ns(sharded_ns)
     beta1, beta2 = config.adamw.betas
-    muon_part = optax.chain(_directions(config, hyper.momentum, layout, None, route_all=True),
+    muon_part = optax.chain(_directions(config, hyper.momentum, layout, None, route_all=True,
+                                        sharding=(mesh, axis, sharded_ns)),
                             _decayed_weights(hyper.weight_decay),
                             optax.scale_by_learning_rate(hyper.lr))
     adamw_part = optax.chain(optax.scale_by_adam(beta1, beta2, config.adamw.eps),

@@ -440,7 +440,8 @@ def partition_axes(shape: Sequence[int], world_size: int) -> tuple[str | None, .
 
 
 def jax_sharded_run(inputs: str, outputs: str) -> None:
-    """Run `muon_jax.muon` jitted on parameters sharded over every host device (the worker of
+    """Run `muon_jax.muon` jitted on parameters sharded over every host device, each device
+    orthogonalizing its share of the matrices (`sharded_ns="owner"`; the worker of
     `JaxAdapter.run_distributed`); reads and writes pickles."""
     import jax
     import jax.numpy as jnp
@@ -460,7 +461,8 @@ def jax_sharded_run(inputs: str, outputs: str) -> None:
             mesh, PartitionSpec(*partition_axes(np.shape(a), world_size))))
             for name, a in arrays.items()}
 
-    tx = muon_jax.muon(MuonConfig.from_dict(data["config"]), layout="out_in")
+    tx = muon_jax.muon(MuonConfig.from_dict(data["config"]), layout="out_in", mesh=mesh,
+                       axis="workers")
     params = place(data["params"])
     state, update = tx.init(params), jax.jit(tx.update)
     for grads in data["grads"]:
