@@ -4,6 +4,14 @@ Imports only the standard library and array-api-compat: config, routing plan, Ne
 on any Array API array, and the reference step every backend is checked against.
 """
 
+from muon_core._adaptive import (
+    adamuon,
+    apply_second_moment,
+    decayed_param,
+    init_second_moment,
+    normuon,
+    second_moment_shape,
+)
 from muon_core._config import AdamWConfig, MuonConfig, Rule
 from muon_core._ns import NSSchedule, ns_schedule, orthogonalize, resolve_dtype
 from muon_core._owners import OwnerTable, assign_owners, ns_flops, param_ns_flops, total_ns_flops
@@ -18,7 +26,9 @@ from muon_core._reference import (
     momentum_update,
     muon_update,
     nonfinite_message,
+    orthogonalized_blocks,
     reference_step,
+    scaled_update,
     to_matrices,
 )
 
@@ -26,6 +36,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdamWConfig", "MuonConfig", "NSSchedule", "OwnerTable", "ParamPlan", "Plan", "Rule",
+    "adamuon", "apply_second_moment", "decayed_param", "init_second_moment", "normuon",
+    "orthogonalized_blocks", "scaled_update", "second_moment_shape",
     "assign_owners", "available_backends", "check_gradients", "from_matrices", "gpt2_shapes",
     "init_state", "interleaved_times", "load_backend", "lr_scale", "momentum_update",
     "muon_update", "nonfinite_message", "ns_flops", "ns_schedule", "orthogonalize",

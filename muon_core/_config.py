@@ -18,6 +18,7 @@ MOMENTUM_KINDS = ("ema", "sum")
 LR_SCALINGS = ("original", "match_rms_adamw", "spectral", "none")
 NONFINITE_POLICIES = ("raise", "skip")
 LAYOUTS = ("out_in", "in_out")
+SECOND_MOMENTS = ("none", "normuon", "adamuon")
 
 
 def _fail(key: str, value: Any, expected: str) -> None:
@@ -147,6 +148,10 @@ class MuonConfig:
     lr_scaling: str = "original"
     split_qkv: bool = True
     nonfinite: str = "raise"
+    second_moment: str = "none"
+    beta2: float = 0.95
+    second_moment_eps: float = 1e-8
+    cautious_weight_decay: bool = False
     rules: tuple[Rule, ...] = ()
     adamw: AdamWConfig = AdamWConfig()
 
@@ -155,7 +160,10 @@ class MuonConfig:
         _check_number("weight_decay", self.weight_decay, low=0.0)
         _check_number("momentum", self.momentum, low=0.0, high=1.0, high_open=True)
         _check_number("eps", self.eps, low=0.0, low_open=True)
-        for key in ("nesterov", "split_qkv"):
+        _check_choice("second_moment", self.second_moment, SECOND_MOMENTS)
+        _check_number("beta2", self.beta2, low=0.0, high=1.0, high_open=True)
+        _check_number("second_moment_eps", self.second_moment_eps, low=0.0, low_open=True)
+        for key in ("nesterov", "split_qkv", "cautious_weight_decay"):
             if not isinstance(getattr(self, key), bool):
                 _fail(key, getattr(self, key), "True or False")
         if isinstance(self.ns_steps, bool) or not isinstance(self.ns_steps, int) \
