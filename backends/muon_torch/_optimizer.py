@@ -12,6 +12,8 @@ from torch import nn
 from torch.optim.adamw import adamw as adamw_functional
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
+from muon_torch._adaptive import (cautious_factor, decay_and_add_, ensure_second_moment,
+                                  second_moments, state_shape)
 from muon_torch._groups import (adamw_hyperparameters, muon_hyperparameters, parse_group,
                                 with_overrides)
 from muon_torch._model import module_kinds, sparse_parameters
@@ -89,14 +91,15 @@ def _write_direction(out: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor, e
 
 
 def _add_block(param: torch.Tensor, entry: ParamPlan, rows: slice, update: torch.Tensor,
-               alpha: float) -> None:
-    """`param += alpha * update` on the block `rows` of the parameter's matrix view."""
+               alpha: float, decay: float | None = None) -> None:
+    """`param += alpha * update` on the block `rows` of the parameter's matrix view (after
+    cautious weight decay when `decay` is given)."""
     view = param.permute(entry.perm)
     if view.is_contiguous():
-        view.view(entry.matrix_shape)[:, rows].add_(update, alpha=alpha)
+        decay_and_add_(view.view(entry.matrix_shape)[:, rows], update, alpha, decay)
         return
     matrices = view.reshape(entry.matrix_shape)  # a copy: write it back
-    matrices[:, rows].add_(update, alpha=alpha)
+    decay_and_add_(matrices[:, rows], update, alpha, decay)
     view.copy_(matrices.view(entry.permuted_shape))
 
 
@@ -189,11 +192,11 @@ class Muon(torch.optim.Optimizer):
                                  ": expected a state saved by muon_torch.Muon on the same model")
             for index, param in zip(saved["params"], group["params"]):
                 for key, value in state_dict["state"].get(index, {}).items():
-                    if value.ndim and value.shape != param.shape:
+                    expected = state_shape(key, self._entries[param], saved)
+                    if value.ndim and tuple(value.shape) != expected:
                         raise ValueError(f"state {key!r} of parameter "
                                          f"{self._entries[param].name!r} has shape "
-                                         f"{tuple(value.shape)}, expected the parameter's shape "
-                                         f"{tuple(param.shape)}")
+                                         f"{tuple(value.shape)}, expected {expected}")
         super().load_state_dict(state_dict)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -245,10 +248,12 @@ class Muon(torch.optim.Optimizer):
                 if not self.state[p]:
                     self.state[p]["momentum_buffer"] = torch.zeros_like(
                         p, memory_format=torch.preserve_format)
+                ensure_second_moment(self.state[p], p, self._entries[p], group)
             grads = [p.grad for p in params]
             bufs = [self.state[p]["momentum_buffer"] for p in params]
             _update_momentum(grads, bufs, group)
-            torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
+            if cautious_factor(group) is None:  # else decayed block by block after NS
+                torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
             for p, grad, buf in zip(params, grads, bufs):
                 entry = self._entries[p]
                 for start, size, scale in zip(entry.block_offsets, entry.blocks, entry.lr_scales):
@@ -261,9 +266,11 @@ class Muon(torch.optim.Optimizer):
             stack = torch.empty((sum(counts), rows, cols), dtype=dtype, device=device)
             for (p, entry, rows, grad, buf, group, _), out in zip(blocks, stack.split(counts)):
                 _write_direction(out, grad, buf, entry, rows, group)
-            updates = newton_schulz(stack, schedule, eps, out=stack).split(counts)
-            for (p, entry, rows, *_, alpha), update in zip(blocks, updates):
-                _add_block(p, entry, rows, update, alpha)
+            updates = second_moments(newton_schulz(stack, schedule, eps, out=stack).split(counts),
+                                     [(self.state[p], entry, rows, group)
+                                      for p, entry, rows, _, _, group, _ in blocks])
+            for (p, entry, rows, grad, buf, group, alpha), update in zip(blocks, updates):
+                _add_block(p, entry, rows, update, alpha, cautious_factor(group))
 
     def _adamw_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         """torch's AdamW arithmetic (its fused kernel where the device has one)."""
