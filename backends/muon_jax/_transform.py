@@ -19,6 +19,8 @@ import muon_core
 from muon_core import (
     MuonConfig, ParamPlan, Plan, from_matrices, nonfinite_message, ns_schedule, to_matrices,
 )
+from muon_jax._adaptive import (check_second_moments, decay_target, init_second_moments,
+                                second_moments)
 from muon_jax._ns import ns_dtype, orthogonalize_batch
 
 # Hyper-parameters that optax.inject_hyperparams may feed as arrays (tracers under jit).
@@ -52,9 +54,11 @@ class NonfiniteRecord:
 
 
 class ScaleByMuonState(NamedTuple):
-    """State of `scale_by_muon`: `momentum_buffer[name]` for each Muon leaf (params' dtype)."""
+    """State of `scale_by_muon`: `momentum_buffer[name]` for each Muon leaf (params' dtype),
+    and `second_moment[name]` when the config has one."""
 
     momentum_buffer: dict[str, jax.Array]
+    second_moment: dict[str, jax.Array]
     nonfinite: NonfiniteRecord
 
 
@@ -64,13 +68,15 @@ class MuonState(NamedTuple):
     In the core reference's format (`muon_core.reference_step`): a Muon leaf's
     `{"momentum_buffer": b}` is `momentum_buffer[name]`; an AdamW leaf's
     `{"step": s, "exp_avg": m, "exp_avg_sq": v}` is `(count, mu[name], nu[name])`, one
-    `count` for every AdamW leaf. `nonfinite` records the steps refused for NaN/Inf.
+    `count` for every AdamW leaf. A Muon leaf's `second_moment` (when the config has one) is
+    `second_moment[name]`. `nonfinite` records the steps refused for NaN/Inf.
     """
 
     count: jax.Array
     momentum_buffer: dict[str, jax.Array]
     mu: dict[str, jax.Array]
     nu: dict[str, jax.Array]
+    second_moment: dict[str, jax.Array]
     nonfinite: NonfiniteRecord
 
 
@@ -315,9 +321,10 @@ def _from_blocks(blocks: list[jax.Array], entry: ParamPlan) -> jax.Array:
     return from_matrices(jnp.concatenate(scaled, axis=1), entry, xp=jnp)
 
 
-def _muon_directions(grads: dict[str, Any], bufs: dict[str, Any], plan: Plan,
-                     config: MuonConfig, beta: Any) -> tuple[dict, dict]:
-    """Momentum, then Newton-Schulz on every block at once: (scaled O per leaf, new buffers).
+def _muon_directions(grads: dict[str, Any], bufs: dict[str, Any], moments: dict[str, Any],
+                     plan: Plan, config: MuonConfig, beta: Any) -> tuple[dict, dict, dict]:
+    """Momentum, then Newton-Schulz on every block at once, then the second moment:
+    (scaled O per leaf, new buffers, new second moments).
 
     NS needs whole matrices: under an explicit-axes mesh the directions are gathered first
     and the results resharded like the gradients.
@@ -329,12 +336,13 @@ def _muon_directions(grads: dict[str, Any], bufs: dict[str, Any], plan: Plan,
     flat = orthogonalize_batch([b for leaf in blocks for b in leaf],
                                ns_schedule(config.ns_coefficients, config.ns_steps),
                                config.eps, ns_dtype(config.ns_dtype))
+    flat, moments = second_moments(flat, moments, entries, config)
     directions, start = {}, 0
     for entry, leaf in zip(entries, blocks):
         directions[entry.name] = _resharded(_from_blocks(flat[start:start + len(leaf)], entry),
                                             shardings[entry.name])
         start += len(leaf)
-    return directions, {name: buf for name, (_, buf) in stepped.items()}
+    return directions, {name: buf for name, (_, buf) in stepped.items()}, moments
 
 
 def _adamw_directions(grads: dict[str, Any], mu: dict, nu: dict, count: jax.Array,
@@ -362,11 +370,13 @@ def _has_decay(weight_decay: Any) -> bool:
     return _is_traced(weight_decay) or weight_decay != 0
 
 
-def _descent(step: jax.Array, param: Any, lr: Any, weight_decay: Any) -> jax.Array:
-    """The optax update `-step - lr * wd * param` (decoupled decay with the base lr)."""
+def _descent(step: jax.Array, param: Any, lr: Any, weight_decay: Any,
+             cautious: bool = False) -> jax.Array:
+    """The optax update `-step - lr * wd * param` (decoupled decay with the base lr; with
+    `cautious`, only where the step and the parameter agree in sign)."""
     update = -step
     if _has_decay(weight_decay):
-        update = update - (lr * weight_decay) * param
+        update = update - (lr * weight_decay) * decay_target(step, param, cautious)
     return update.astype(step.dtype)
 
 
@@ -396,15 +406,17 @@ def _context(updates: Any, params: Any, momentum_buffer: Mapping[str, Any], conf
 
 
 def _init_parts(params: Any, config: MuonConfig, layout: str,
-                algorithms: Mapping[str, str] | None) -> tuple[dict, dict, NonfiniteRecord]:
-    """Zero momentum buffers for the Muon leaves, the other leaves by name, a fresh record."""
+                algorithms: Mapping[str, str] | None) -> tuple[dict, dict, dict, NonfiniteRecord]:
+    """Zero momentum buffers and second moments for the Muon leaves, the other leaves by
+    name, a fresh record."""
     names, leaves, _ = _flatten(params)
     _check_leaves(names, leaves, "parameter")
     plan = _plan(names, leaves, config, layout, algorithms)
     by_name = dict(zip(names, leaves))
     buffers = {e.name: jnp.zeros_like(by_name[e.name]) for e in plan.muon}
     others = {e.name: by_name[e.name] for e in plan.adamw}
-    return buffers, others, _fresh_record(names, leaves)
+    moments = init_second_moments(by_name, plan.muon, config)
+    return buffers, others, moments, _fresh_record(names, leaves)
 
 
 @_with_override_keywords
@@ -421,19 +433,22 @@ def scale_by_muon(config: MuonConfig | None = None, *, layout: str = "in_out",
     config, hyper = resolve(config, overrides)
 
     def init_fn(params: Any) -> ScaleByMuonState:
-        buffers, _, record = _init_parts(params, config, layout, algorithms)
-        return ScaleByMuonState(buffers, record)
+        buffers, _, moments, record = _init_parts(params, config, layout, algorithms)
+        return ScaleByMuonState(buffers, moments, record)
 
     def update_fn(updates: Any, state: ScaleByMuonState, params: Any = None):
         ctx = _context(updates, params, state.momentum_buffer, config, layout, algorithms,
                        needs_params=False)
         grads = ctx.by_name
+        check_second_moments(state.second_moment, ctx.plan.muon, config)
         ok, record = _finite_gate(ctx.names, ctx.grads, state.nonfinite, config.nonfinite)
-        directions, bufs = _muon_directions(grads, state.momentum_buffer, ctx.plan, config,
-                                            hyper.momentum)
+        directions, bufs, moments = _muon_directions(grads, state.momentum_buffer,
+                                                     state.second_moment, ctx.plan, config,
+                                                     hyper.momentum)
         out = [directions.get(name, g) for name, g in grads.items()]
         out = _select(ok, out, [jnp.zeros_like(g) for g in ctx.grads])
-        new_state = ScaleByMuonState(_select(ok, bufs, state.momentum_buffer), record)
+        kept = _select(ok, (bufs, moments), (state.momentum_buffer, state.second_moment))
+        new_state = ScaleByMuonState(*kept, record)
         return ctx.treedef.unflatten(out), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -467,10 +482,10 @@ def muon(config: MuonConfig | None = None, *, layout: str = "in_out",
     needs_params = _has_decay(hyper.weight_decay) or _has_decay(hyper.adamw_weight_decay)
 
     def init_fn(params: Any) -> MuonState:
-        buffers, adamw, record = _init_parts(params, config, layout, algorithms)
+        buffers, adamw, moments, record = _init_parts(params, config, layout, algorithms)
         return MuonState(jnp.zeros([], jnp.int32), buffers,
                          {n: jnp.zeros_like(x) for n, x in adamw.items()},
-                         {n: jnp.zeros_like(x) for n, x in adamw.items()}, record)
+                         {n: jnp.zeros_like(x) for n, x in adamw.items()}, moments, record)
 
     def update_fn(updates: Any, state: MuonState, params: Any = None):
         ctx = _context(updates, params, state.momentum_buffer, config, layout, algorithms,
@@ -479,21 +494,24 @@ def muon(config: MuonConfig | None = None, *, layout: str = "in_out",
         adamw_grads = {e.name: grads[e.name] for e in ctx.plan.adamw}
         _check_state("mu", state.mu, adamw_grads)
         _check_state("nu", state.nu, adamw_grads)
+        check_second_moments(state.second_moment, ctx.plan.muon, config)
         ok, record = _finite_gate(ctx.names, ctx.grads, state.nonfinite, config.nonfinite)
         count = optax.safe_increment(state.count)
-        muon_steps, bufs = _muon_directions(grads, state.momentum_buffer, ctx.plan, config,
-                                            hyper.momentum)
+        muon_steps, bufs, moments = _muon_directions(grads, state.momentum_buffer,
+                                                     state.second_moment, ctx.plan, config,
+                                                     hyper.momentum)
         adamw_steps, mu, nu = _adamw_directions(adamw_grads, state.mu, state.nu, count, config,
                                                 hyper.adamw_lr)
         params_by_name = dict(zip(ctx.names, ctx.params or [None] * len(ctx.names)))
         out = [_descent(hyper.lr * muon_steps[n], params_by_name[n], hyper.lr,
-                        hyper.weight_decay) if n in muon_steps else
+                        hyper.weight_decay, config.cautious_weight_decay)
+               if n in muon_steps else
                _descent(adamw_steps[n], params_by_name[n], hyper.adamw_lr,
                         hyper.adamw_weight_decay)
                for n in ctx.names]
         out = _select(ok, out, [jnp.zeros_like(g) for g in ctx.grads])
-        new = (count, bufs, mu, nu)
-        old = (state.count, state.momentum_buffer, state.mu, state.nu)
+        new = (count, bufs, mu, nu, moments)
+        old = (state.count, state.momentum_buffer, state.mu, state.nu, state.second_moment)
         kept = _select(ok, new, old)
         return ctx.treedef.unflatten(out), MuonState(*kept, record)
 

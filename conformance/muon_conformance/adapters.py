@@ -261,6 +261,8 @@ class JaxAdapter:
         st = handle.state
         out: dict[str, dict[str, Any]] = {
             name: {"momentum_buffer": np.array(buf)} for name, buf in st.momentum_buffer.items()}
+        for name, moment in st.second_moment.items():
+            out[name]["second_moment"] = np.array(moment)
         for name in st.mu:
             out[name] = {"step": int(st.count), "exp_avg": np.array(st.mu[name]),
                          "exp_avg_sq": np.array(st.nu[name])}
