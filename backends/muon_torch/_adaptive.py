@@ -30,11 +30,12 @@ def ensure_second_moment(state: dict[str, Any], param: torch.Tensor, entry: Para
         state[STATE_KEY] = torch.zeros(shape, dtype=param.dtype, device=param.device)
 
 
-def state_shape(key: str, entry: ParamPlan, group: Mapping[str, Any]) -> tuple[int, ...]:
-    """The shape a state tensor `key` of this parameter must have."""
+def state_shape(key: str, entry: ParamPlan, group: Mapping[str, Any]) -> tuple[tuple, str]:
+    """The shape a state tensor `key` of this parameter must have, and what it is."""
     if key == STATE_KEY and entry.is_muon:
-        return tuple(muon_core.second_moment_shape(entry, _method(group)) or ())
-    return tuple(entry.shape)
+        shape = muon_core.second_moment_shape(entry, _method(group)) or ()
+        return tuple(shape), f"the shape for second_moment={_method(group)!r}"
+    return tuple(entry.shape), "the parameter's shape"
 
 
 def _matrix_view(x: torch.Tensor, entry: ParamPlan) -> tuple[torch.Tensor, bool]:

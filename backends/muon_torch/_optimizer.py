@@ -192,11 +192,11 @@ class Muon(torch.optim.Optimizer):
                                  ": expected a state saved by muon_torch.Muon on the same model")
             for index, param in zip(saved["params"], group["params"]):
                 for key, value in state_dict["state"].get(index, {}).items():
-                    expected = state_shape(key, self._entries[param], saved)
+                    expected, what = state_shape(key, self._entries[param], saved)
                     if value.ndim and tuple(value.shape) != expected:
                         raise ValueError(f"state {key!r} of parameter "
                                          f"{self._entries[param].name!r} has shape "
-                                         f"{tuple(value.shape)}, expected {expected}")
+                                         f"{tuple(value.shape)}, expected {what} {expected}")
         super().load_state_dict(state_dict)
 
     def __getstate__(self) -> dict[str, Any]:
