@@ -94,5 +94,5 @@ def decay_and_add_(block: torch.Tensor, update: torch.Tensor, alpha: float,
     """`block += alpha * update`, after cautious decay `block *= 1 - factor` where the
     update and the block agree in sign (`alpha` < 0 makes `update` the descent direction)."""
     if factor is not None:
-        block.mul_(torch.where(update * block >= 0, 1.0 - factor, 1.0).to(block.dtype))
+        block.copy_(torch.where(update * block >= 0, block * (1.0 - factor), block))
     block.add_(update, alpha=alpha)

@@ -603,7 +603,11 @@ ADAPTIVE_OPTIONS: dict[str, dict[str, Any]] = {
 ADAPTIVE_STATE_CASES = [Case(name, None, base_config(**ADAPTIVE_OPTIONS[name]))
                         for name in ("normuon", "adamuon", "normuon_cautious")]
 
-_register("adaptive_trajectory", [Case(name, None, base_config(**changes))
+# Variations of the same arithmetic run with the slow checks.
+ADAPTIVE_SLOW = frozenset({"normuon_beta2", "adamuon_no_qkv_split"})
+
+_register("adaptive_trajectory", [Case(name, None, base_config(**changes),
+                                       slow=name in ADAPTIVE_SLOW)
                                   for name, changes in ADAPTIVE_OPTIONS.items()])(
     check_trajectory)
 _register("adaptive_state", ADAPTIVE_STATE_CASES)(check_state)
