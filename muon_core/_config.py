@@ -195,6 +195,13 @@ class MuonConfig:
         return cls(lr=lr, weight_decay=weight_decay, lr_scaling="match_rms_adamw",
                    adamw=adamw, **overrides)
 
+    @classmethod
+    def adamuon(cls, lr: float = 0.02, beta2: float = 0.95, **overrides: Any) -> MuonConfig:
+        """AdaMuon: an elementwise second moment of the orthogonalized update, each matrix
+        keeping its norm (`second_moment="adamuon"`); the best of plain Muon, NorMuon and
+        AdaMuon on the project's character model (docs/hyperparameters.md)."""
+        return cls(lr=lr, second_moment="adamuon", beta2=beta2, **overrides)
+
     # -- serialisation ---------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """Plain Python values (lists, not tuples) that `from_dict` reads back."""

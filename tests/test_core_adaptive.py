@@ -167,3 +167,9 @@ def test_defaults_leave_the_step_unchanged():
         x = 3.4445 * x - 4.7750 * x**3 + 2.0315 * x**5
     want = p["fc.weight"] * (1 - 1e-3 * 0.1) - 1e-3 * math.sqrt(1.5) * (u * x) @ vt
     np.testing.assert_allclose(new["fc.weight"], want, rtol=1e-12)
+
+
+def test_adamuon_preset_only_adds_the_second_moment():
+    cfg = MuonConfig.adamuon(weight_decay=0.01)
+    assert cfg == MuonConfig(lr=0.02, weight_decay=0.01, second_moment="adamuon", beta2=0.95)
+    assert MuonConfig.from_toml(cfg.to_toml()) == cfg
