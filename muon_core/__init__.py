@@ -4,6 +4,14 @@ Imports only the standard library and array-api-compat: config, routing plan, Ne
 on any Array API array, and the reference step every backend is checked against.
 """
 
+from muon_core._adaptive import (
+    adamuon,
+    apply_second_moment,
+    decayed_param,
+    init_second_moment,
+    normuon,
+    second_moment_shape,
+)
 from muon_core._architectures import name_kind, qkv_kind
 from muon_core._config import AdamWConfig, MuonConfig, Rule
 from muon_core._ns import (DeviceFacts, NSSchedule, auto_ns_dtype, describe_ns_dtype,
@@ -23,8 +31,10 @@ from muon_core._reference import (
     momentum_update,
     muon_update,
     nonfinite_message,
+    orthogonalized_blocks,
     reference_step,
     step_allowed,
+    scaled_update,
     to_matrices,
 )
 
@@ -42,15 +52,19 @@ __all__ = [
     "QKRule",
     "Rule",
     "ShapeStack",
+    "adamuon",
+    "apply_second_moment",
     "assign_adamw_owners",
     "assign_owners",
     "auto_ns_dtype",
     "available_backends",
     "check_gradients",
     "decay_factor",
+    "decayed_param",
     "describe_ns_dtype",
     "from_matrices",
     "host_cpu_flags",
+    "init_second_moment",
     "init_state",
     "load_backend",
     "lr_scale",
@@ -60,9 +74,11 @@ __all__ = [
     "muon_update",
     "name_kind",
     "nonfinite_message",
+    "normuon",
     "ns_flops",
     "ns_schedule",
     "orthogonalize",
+    "orthogonalized_blocks",
     "pack_by_shape",
     "packed_ns_flops",
     "param_ns_flops",
@@ -72,6 +88,8 @@ __all__ = [
     "qkv_kind",
     "reference_step",
     "resolve_dtype",
+    "scaled_update",
+    "second_moment_shape",
     "step_allowed",
     "to_matrices",
     "total_ns_flops",

@@ -18,6 +18,7 @@ MOMENTUM_KINDS = ("ema", "sum")
 LR_SCALINGS = ("original", "match_rms_adamw", "spectral", "none")
 NONFINITE_POLICIES = ("raise", "skip")
 LAYOUTS = ("out_in", "in_out")
+SECOND_MOMENTS = ("none", "normuon", "adamuon")
 
 
 def _fail(key: str, value: Any, expected: str) -> None:
@@ -180,6 +181,10 @@ class MuonConfig:
     lr_scaling: str = "original"
     split_qkv: bool = True
     nonfinite: str = "raise"
+    second_moment: str = "none"
+    beta2: float = 0.95
+    second_moment_eps: float = 1e-8
+    cautious_weight_decay: bool = False
     rules: tuple[Rule, ...] = ()
     adamw: AdamWConfig = AdamWConfig()
     qk_clip: Any = None  # a muon_core.QKClipConfig (or its mapping) turns QK-clip on
@@ -192,7 +197,10 @@ class MuonConfig:
         _check_number("weight_decay", self.weight_decay, low=0.0)
         _check_number("momentum", self.momentum, low=0.0, high=1.0, high_open=True)
         _check_number("eps", self.eps, low=0.0, low_open=True)
-        for key in ("nesterov", "split_qkv"):
+        _check_choice("second_moment", self.second_moment, SECOND_MOMENTS)
+        _check_number("beta2", self.beta2, low=0.0, high=1.0, high_open=True)
+        _check_number("second_moment_eps", self.second_moment_eps, low=0.0, low_open=True)
+        for key in ("nesterov", "split_qkv", "cautious_weight_decay"):
             if not isinstance(getattr(self, key), bool):
                 _fail(key, getattr(self, key), "True or False")
         if isinstance(self.ns_steps, bool) or not isinstance(self.ns_steps, int) \
@@ -224,6 +232,13 @@ class MuonConfig:
         adamw = AdamWConfig(lr=lr, weight_decay=weight_decay, **overrides.pop("adamw", {}))
         return cls(lr=lr, weight_decay=weight_decay, lr_scaling="match_rms_adamw",
                    adamw=adamw, **overrides)
+
+    @classmethod
+    def adamuon(cls, lr: float = 0.02, beta2: float = 0.95, **overrides: Any) -> MuonConfig:
+        """AdaMuon: an elementwise second moment of the orthogonalized update, each matrix
+        keeping its norm (`second_moment="adamuon"`); the best of plain Muon, NorMuon and
+        AdaMuon on the project's character model (docs/hyperparameters.md)."""
+        return cls(lr=lr, second_moment="adamuon", beta2=beta2, **overrides)
 
     # -- serialisation ---------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

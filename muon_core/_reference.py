@@ -12,6 +12,7 @@ from typing import Any
 
 from array_api_compat import array_namespace
 
+from muon_core._adaptive import apply_second_moment, decayed_param, init_second_moment
 from muon_core._config import MOMENTUM_KINDS, NONFINITE_POLICIES, MuonConfig
 from muon_core._ns import _newton_schulz, ns_schedule, resolve_dtype
 from muon_core._plan import ParamPlan, Plan, plan as make_plan
@@ -49,13 +50,15 @@ def nonfinite_message(names: list[str], shapes: Mapping[str, Any]) -> str:
 
 
 def init_state(params: Mapping[str, Any], plan: Plan) -> State:
-    """Zero state for every parameter: `momentum_buffer` for Muon, AdamW moments and step else."""
+    """Zero state for every parameter: `momentum_buffer` (and `second_moment` when the config
+    has one) for Muon, AdamW moments and step else."""
     state: State = {}
     for entry in plan:
         p = params[entry.name]
         xp = array_namespace(p)
         if entry.is_muon:
-            state[entry.name] = {"momentum_buffer": xp.zeros_like(p)}
+            state[entry.name] = {"momentum_buffer": xp.zeros_like(p),
+                                 **init_second_moment(p, entry, plan.config)}
         else:
             state[entry.name] = {"step": 0, "exp_avg": xp.zeros_like(p),
                                  "exp_avg_sq": xp.zeros_like(p)}
@@ -125,24 +128,40 @@ def from_matrices(m: Any, entry: ParamPlan, *, xp: Any = None) -> Any:
     return xp.reshape(viewed, entry.shape)
 
 
-def muon_update(direction: Any, entry: ParamPlan, config: MuonConfig) -> Any:
-    """Orthogonalize each block of the matrix view and multiply by its LR scale."""
+def orthogonalized_blocks(direction: Any, entry: ParamPlan, config: MuonConfig) -> Any:
+    """Newton-Schulz of each block of the matrix view, in the direction's dtype, unscaled:
+    `(batch, rows, cols)`."""
     xp = array_namespace(direction)
     schedule = ns_schedule(config.ns_coefficients, config.ns_steps, config.ns_algorithm)
     work = to_matrices(xp.astype(direction, resolve_dtype(config.ns_dtype, xp)), entry, xp=xp)
     pieces = []
-    for start, rows, scale in zip(entry.block_offsets, entry.blocks, entry.lr_scales):
+    for start, rows in zip(entry.block_offsets, entry.blocks):
         block = _newton_schulz(work[:, start:start + rows, :], schedule, config.eps, xp=xp)
-        pieces.append(xp.astype(block, direction.dtype) * scale)
+        pieces.append(xp.astype(block, direction.dtype))
+    return xp.concat(pieces, axis=1)
+
+
+def scaled_update(matrices: Any, entry: ParamPlan) -> Any:
+    """Multiply each block of a matrix view by its LR scale; return it parameter-shaped."""
+    xp = array_namespace(matrices)
+    pieces = [matrices[:, start:start + rows, :] * scale for start, rows, scale in
+              zip(entry.block_offsets, entry.blocks, entry.lr_scales)]
     return from_matrices(xp.concat(pieces, axis=1), entry, xp=xp)
+
+
+def muon_update(direction: Any, entry: ParamPlan, config: MuonConfig) -> Any:
+    """Orthogonalize each block of the matrix view and multiply by its LR scale."""
+    return scaled_update(orthogonalized_blocks(direction, entry, config), entry)
 
 
 def _muon_param(p: Any, g: Any, st: dict, entry: ParamPlan, config: MuonConfig):
     direction, buf = momentum_update(g, st["momentum_buffer"], config.momentum,
                                      config.momentum_kind, config.nesterov)
-    update = muon_update(direction, entry, config)
-    new_p = p * decay_factor(config.lr, config.weight_decay) - config.lr * update
-    return new_p, {"momentum_buffer": buf}
+    matrices, moments = apply_second_moment(orthogonalized_blocks(direction, entry, config), st,
+                                            entry, config)
+    update = scaled_update(matrices, entry)
+    new_p = decayed_param(p, update, config) - config.lr * update
+    return new_p, {"momentum_buffer": buf, **moments}
 
 
 def _adamw_param(p: Any, g: Any, st: dict, config: MuonConfig):

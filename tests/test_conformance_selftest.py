@@ -139,3 +139,41 @@ def test_momentum_not_saved_follows_the_reference_until_restored():
 @pytest.mark.parametrize("adapter", [NumpyAdapter, StrictAdapter], ids=lambda c: c.name)
 def test_correct_adapters_pass_every_check(adapter):
     assert run_checks(adapter()) == {}
+
+
+class SecondMomentIgnored(NumpyAdapter):
+    """Plain Muon whatever `second_moment` says."""
+
+    def make(self, params, config):
+        return super().make(params, config.replace(second_moment="none"))
+
+
+class CautiousDecayIgnored(NumpyAdapter):
+    """Decays every entry whatever `cautious_weight_decay` says."""
+
+    def make(self, params, config):
+        return super().make(params, config.replace(cautious_weight_decay=False))
+
+
+class SecondMomentNotSaved(NumpyAdapter):
+    """The snapshot leaves the second moments out (a restored run starts them from zero)."""
+
+    def save(self, handle):
+        return {name: {k: v for k, v in entry.items() if k != "second_moment"}
+                for name, entry in super().save(handle).items()}
+
+
+BROKEN_ADAPTIVE = {
+    SecondMomentIgnored: ("adaptive_trajectory", "adaptive_trajectory[normuon]", "weight"),
+    CautiousDecayIgnored: ("adaptive_trajectory",
+                           "adaptive_trajectory[cautious_weight_decay]", "weight"),
+    SecondMomentNotSaved: ("adaptive_resume", "adaptive_resume[adamuon]", "weight"),
+}
+
+
+@pytest.mark.parametrize("broken", BROKEN_ADAPTIVE, ids=lambda cls: cls.__name__)
+def test_broken_adaptive_adapter_is_caught(broken):
+    check, case, named = BROKEN_ADAPTIVE[broken]
+    failures = run_checks(broken(), [check])
+    assert case in failures, f"{broken.__name__} passed {check}: {sorted(failures)}"
+    assert f"check {case}" in failures[case] and named in failures[case]

@@ -18,6 +18,8 @@ import optax
 from muon_core import (
     MuonConfig, ParamPlan, Plan, from_matrices, momentum_update, ns_schedule, to_matrices,
 )
+from muon_jax._adaptive import (check_second_moments, decay_target, init_second_moments,
+                                second_moments)
 from muon_jax._checks import check_leaves, check_params, check_state
 from muon_jax._distributed import SHARDED_NS, find_mesh, orthogonalize_owned
 from muon_jax._hyper import has_decay, resolve, with_override_keywords
@@ -29,9 +31,12 @@ from muon_jax._sharding import explicit_sharding, resharded, whole
 
 class ScaleByMuonState(NamedTuple):
     """The Muon directions' state, shaped like the params: `momentum_buffer` holds an array
-    (the params' dtype) at each Muon leaf and `optax.MaskedNode()` at every other leaf."""
+    (the params' dtype) at each Muon leaf and `optax.MaskedNode()` at every other leaf;
+    `second_moment` maps a Muon leaf's name to its NorMuon/AdaMuon second moment (empty
+    without one; NorMuon's is shaped `(batch, rows)`, not like its leaf)."""
 
     momentum_buffer: Any
+    second_moment: Any
 
 
 class MuonState(NamedTuple):
@@ -50,6 +55,11 @@ class MuonState(NamedTuple):
     def momentum_buffer(self) -> Any:
         """Muon leaves' momentum, a params-shaped tree."""
         return optax.tree_utils.tree_get(self.inner_state, "momentum_buffer")
+
+    @property
+    def second_moment(self) -> Any:
+        """Muon leaves' NorMuon/AdaMuon second moments by leaf name (empty without one)."""
+        return optax.tree_utils.tree_get(self.inner_state, "second_moment")
 
     @property
     def count(self) -> Any:
@@ -79,10 +89,12 @@ def _from_blocks(blocks: list[jax.Array], entry: ParamPlan) -> jax.Array:
     return from_matrices(jnp.concatenate(scaled, axis=1), entry, xp=jnp)
 
 
-def _muon_directions(grads: Mapping[str, Any], bufs: Mapping[str, Any], plan: Plan,
-                     config: MuonConfig, beta: Any, mesh: Any = None, axis: str | None = None,
-                     sharded_ns: str = "owner") -> tuple[dict, dict]:
-    """Momentum, then Newton-Schulz on every block at once: (scaled O per leaf, new buffers).
+def _muon_directions(grads: Mapping[str, Any], bufs: Mapping[str, Any],
+                     moments: Mapping[str, Any], plan: Plan, config: MuonConfig, beta: Any,
+                     mesh: Any = None, axis: str | None = None,
+                     sharded_ns: str = "owner") -> tuple[dict, dict, dict]:
+    """Momentum, Newton-Schulz on every block at once, then the config's second moment:
+    (scaled O per leaf, new buffers, new second moments).
 
     On a mesh with `sharded_ns="owner"` (or "blockwise") each device orthogonalizes its share
     of the matrices (`orthogonalize_owned`). Otherwise NS needs whole matrices: under an
@@ -97,21 +109,26 @@ def _muon_directions(grads: Mapping[str, Any], bufs: Mapping[str, Any], plan: Pl
         raise ValueError("sharded_ns='blockwise' needs the mesh: pass mesh= (and axis=) or use "
                          "explicit axes, so that the blocks are known")
     if target is not None and sharded_ns != "replicated":
+        if config.second_moment != "none":
+            raise ValueError(f"second_moment={config.second_moment!r} with "
+                             f"sharded_ns={sharded_ns!r} is not supported yet: expected "
+                             "sharded_ns='replicated' or second_moment='none'")
         directions = orthogonalize_owned({n: d for n, (d, _) in stepped.items()}, plan, config,
                                          *target, mode=sharded_ns)
-        return directions, {name: buf for name, (_, buf) in stepped.items()}
+        return directions, {name: buf for name, (_, buf) in stepped.items()}, dict(moments)
     shardings = {e.name: explicit_sharding(grads[e.name]) for e in entries}
     blocks = [_to_blocks(whole(stepped[e.name][0]), e) for e in entries]
     flat = orthogonalize_batch([b for leaf in blocks for b in leaf],
                                ns_schedule(config.ns_coefficients, config.ns_steps,
                                            config.ns_algorithm),
                                config.eps, ns_dtype(config.ns_dtype))
+    flat, moments = second_moments(flat, moments, entries, config)
     directions, start = {}, 0
     for entry, leaf in zip(entries, blocks):
         directions[entry.name] = resharded(_from_blocks(flat[start:start + len(leaf)], entry),
                                            shardings[entry.name])
         start += len(leaf)
-    return directions, {name: buf for name, (_, buf) in stepped.items()}
+    return directions, {name: buf for name, (_, buf) in stepped.items()}, moments
 
 
 def _directions(config: MuonConfig, momentum: Any, layout: str,
@@ -129,9 +146,12 @@ def _directions(config: MuonConfig, momentum: Any, layout: str,
 
     def init_fn(params: Any) -> ScaleByMuonState:
         names, leaves, treedef = flatten(params)
-        muon = {e.name for e in plan_of(names, leaves).muon}
-        return ScaleByMuonState(treedef.unflatten(
-            [jnp.zeros_like(x) if n in muon else optax.MaskedNode() for n, x in zip(names, leaves)]))
+        entries = plan_of(names, leaves).muon
+        muon = {e.name for e in entries}
+        buffers = treedef.unflatten(
+            [jnp.zeros_like(x) if n in muon else optax.MaskedNode() for n, x in zip(names, leaves)])
+        return ScaleByMuonState(buffers,
+                                init_second_moments(dict(zip(names, leaves)), entries, config))
 
     def update_fn(updates: Any, state: ScaleByMuonState, params: Any = None, **extra_args: Any):
         del params, extra_args
@@ -141,9 +161,12 @@ def _directions(config: MuonConfig, momentum: Any, layout: str,
         buf_names, buf_leaves, buf_treedef = flatten(state.momentum_buffer)
         bufs = dict(zip(buf_names, buf_leaves))
         check_state("momentum_buffer", bufs, {e.name: by_name[e.name] for e in plan.muon})
-        directions, new_bufs = _muon_directions(by_name, bufs, plan, config, momentum, *sharding)
+        check_second_moments(state.second_moment, plan.muon, config)
+        directions, new_bufs, moments = _muon_directions(by_name, bufs, state.second_moment, plan,
+                                                         config, momentum, *sharding)
         out = treedef.unflatten([directions.get(n, g) for n, g in zip(names, grads)])
-        return out, ScaleByMuonState(buf_treedef.unflatten([new_bufs[n] for n in buf_names]))
+        return out, ScaleByMuonState(buf_treedef.unflatten([new_bufs[n] for n in buf_names]),
+                                     moments)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -183,9 +206,22 @@ def _guarded(inner: optax.GradientTransformation, policy: str,
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _decayed_weights(weight_decay: Any) -> optax.GradientTransformation:
-    """`optax.add_decayed_weights`, left out when the decay is a concrete 0 (no params needed)."""
-    return optax.add_decayed_weights(weight_decay) if has_decay(weight_decay) else optax.identity()
+def _decayed_weights(weight_decay: Any, cautious: bool = False) -> optax.GradientTransformation:
+    """`optax.add_decayed_weights`, left out when the decay is a concrete 0 (no params needed).
+
+    With `cautious`, only the entries where the update (the descent direction, subtracted
+    later) and the parameter agree in sign are decayed (`muon_core.decayed_param`).
+    """
+    if not has_decay(weight_decay):
+        return optax.identity()
+    if not cautious:
+        return optax.add_decayed_weights(weight_decay)
+
+    def update_fn(updates: Any, state: Any, params: Any = None):
+        return jax.tree.map(lambda u, p: u + weight_decay * decay_target(u, p, True),
+                            updates, params), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
 def _check_sharded_ns(sharded_ns: str) -> None:
@@ -254,7 +290,7 @@ def muon(config: MuonConfig | None = None, *, layout: str = "in_out",
     beta1, beta2 = config.adamw.betas
     muon_part = optax.chain(_directions(config, hyper.momentum, layout, None, route_all=True,
                                         sharding=(mesh, axis, sharded_ns)),
-                            _decayed_weights(hyper.weight_decay),
+                            _decayed_weights(hyper.weight_decay, config.cautious_weight_decay),
                             optax.scale_by_learning_rate(hyper.lr))
     adamw_part = optax.chain(optax.scale_by_adam(beta1, beta2, config.adamw.eps),
                              _decayed_weights(hyper.adamw_weight_decay),

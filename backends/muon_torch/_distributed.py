@@ -144,6 +144,13 @@ class Sharding:
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
         if shard not in SHARD_MODES:
             raise ValueError(f"shard={shard!r} is invalid: expected one of {list(SHARD_MODES)}")
+        adaptive = [g for g in opt.param_groups if g["algorithm"] == "muon" and (
+            g.get("second_moment", "none") != "none" or g.get("cautious_weight_decay"))]
+        if shard == "zero1" and adaptive:
+            raise ValueError(f"shard='zero1' with second_moment="
+                             f"{adaptive[0].get('second_moment')!r} or cautious_weight_decay="
+                             f"{adaptive[0].get('cautious_weight_decay')!r} is not supported "
+                             "yet: expected shard='layerwise' for these options")
         self.opt, self.shard, self.shard_adamw = opt, shard, shard_adamw
         self.group = resolve_group(process_group)
         self.rank = dist.get_rank(self.group)

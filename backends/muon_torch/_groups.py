@@ -13,7 +13,8 @@ NAME_KEYS = ("names", "param_names")
 # Muon hyper-parameters kept in a torch param group (read at every step, so they can change);
 # lr_scaling, split_qkv and rules act once, through the plan.
 MUON_GROUP_KEYS = ("lr", "weight_decay", "momentum", "nesterov", "momentum_kind", "ns_steps",
-                   "ns_coefficients", "eps", "ns_dtype", "ns_algorithm")
+                   "ns_coefficients", "eps", "ns_dtype", "ns_algorithm", "second_moment",
+                   "beta2", "second_moment_eps", "cautious_weight_decay")
 ADAMW_GROUP_KEYS = ("lr", "weight_decay", "betas", "eps")
 OPTIMIZER_WIDE_KEYS = ("nonfinite",)
 

@@ -12,6 +12,8 @@ from torch import nn
 from torch.optim.adamw import adamw as adamw_functional
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
+from muon_torch._adaptive import (cautious_factor, decay_and_add_, ensure_second_moment,
+                                  second_moments, state_shape)
 from muon_torch._groups import adamw_hyperparameters, muon_hyperparameters, parse_group
 from muon_torch._model import ModuleHints, as_hints, model_hints, sparse_parameters
 from muon_torch._newton_schulz import LOW_PRECISION, device_facts, newton_schulz, ns_dtype
@@ -144,14 +146,15 @@ def _write_direction(out: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor, e
 
 
 def _add_block(param: torch.Tensor, entry: ParamPlan, rows: slice, update: torch.Tensor,
-               alpha: float) -> None:
-    """`param += alpha * update` on the block `rows` of the parameter's matrix view."""
+               alpha: float, decay: float | None = None) -> None:
+    """`param += alpha * update` on the block `rows` of the parameter's matrix view (after
+    cautious weight decay when `decay` is given)."""
     view = param.view(entry.view_shape).permute(entry.perm)
     if view.is_contiguous():
-        view.view(entry.matrix_shape)[:, rows].add_(update, alpha=alpha)
+        decay_and_add_(view.view(entry.matrix_shape)[:, rows], update, alpha, decay)
         return
     matrices = view.reshape(entry.matrix_shape)  # a copy: write it back
-    matrices[:, rows].add_(update, alpha=alpha)
+    decay_and_add_(matrices[:, rows], update, alpha, decay)
     view.copy_(matrices.view(entry.permuted_shape))
 
 
@@ -311,12 +314,12 @@ class Muon(torch.optim.Optimizer):
                                  ": expected a state saved by muon_torch.Muon on the same model")
             for index, param in zip(saved["params"], group["params"]):
                 for key, value in state_dict["state"].get(index, {}).items():
+                    expected, what = state_shape(key, self._entries[param], saved)
                     if isinstance(value, torch.Tensor) and value.ndim \
-                            and value.shape != param.shape:
+                            and tuple(value.shape) != expected:
                         raise ValueError(f"state {key!r} of parameter "
                                          f"{self._entries[param].name!r} has shape "
-                                         f"{tuple(value.shape)}, expected the parameter's shape "
-                                         f"{tuple(param.shape)}")
+                                         f"{tuple(value.shape)}, expected {what} {expected}")
         super().load_state_dict(state_dict)
         for group, saved in zip(self.param_groups, saved_groups):
             # the names this optimizer's plan routed by
@@ -413,10 +416,12 @@ class Muon(torch.optim.Optimizer):
                 if "momentum_buffer" not in self.state[p]:
                     self.state[p]["momentum_buffer"] = torch.zeros_like(
                         target, memory_format=torch.preserve_format)
+                ensure_second_moment(self.state[p], target, self._entries[p], group)
             grads = [p.grad.to(target.dtype) for p, target in zip(params, targets)]
             bufs = [self.state[p]["momentum_buffer"] for p in params]
             _update_momentum(grads, bufs, group)
-            _decay(targets, group)
+            if cautious_factor(group) is None:  # else decayed block by block after NS
+                _decay(targets, group)
             synced += zip(params, targets)
             for p, target, grad, buf in zip(params, targets, grads, bufs):
                 entry = self._entries[p]
@@ -424,16 +429,18 @@ class Muon(torch.optim.Optimizer):
                     key = (p.device, size, entry.matrix_shape[2], ns_dtype(dtype_name, p.device),
                            schedule, group["eps"])
                     batches.setdefault(key, []).append(
-                        (target, entry, slice(start, start + size), grad, buf, group,
+                        (p, target, entry, slice(start, start + size), grad, buf, group,
                          -group["lr"] * scale))
         for (device, rows, cols, dtype, schedule, eps), blocks in batches.items():
-            counts = [block[1].matrix_shape[0] for block in blocks]
+            counts = [block[2].matrix_shape[0] for block in blocks]
             stack = torch.empty((sum(counts), rows, cols), dtype=dtype, device=device)
-            for (_, entry, rows, grad, buf, group, _), out in zip(blocks, stack.split(counts)):
+            for (_, _, entry, rows, grad, buf, group, _), out in zip(blocks, stack.split(counts)):
                 _write_direction(out, grad, buf, entry, rows, group)
-            updates = newton_schulz(stack, schedule, eps, out=stack).split(counts)
-            for (target, entry, rows, *_, alpha), update in zip(blocks, updates):
-                _add_block(target, entry, rows, update, alpha)
+            updates = second_moments(newton_schulz(stack, schedule, eps, out=stack).split(counts),
+                                     [(self.state[p], entry, rows, group)
+                                      for p, _, entry, rows, _, _, group, _ in blocks])
+            for (_, target, entry, rows, *_, group, alpha), update in zip(blocks, updates):
+                _add_block(target, entry, rows, update, alpha, cautious_factor(group))
         _round_into(synced)
 
     def _adamw_step(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:

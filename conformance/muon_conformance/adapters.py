@@ -395,6 +395,8 @@ class JaxAdapter:
             if hasattr(mu, "shape"):
                 out[name] = {"step": int(st.count), "exp_avg": np.array(mu),
                              "exp_avg_sq": np.array(st.nu[name])}
+        for name, moment in (st.second_moment or {}).items():
+            out[name]["second_moment"] = np.array(moment)
         return out
 
     def save(self, handle: JaxHandle) -> Any:

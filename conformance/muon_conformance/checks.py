@@ -659,3 +659,52 @@ def run_checks(adapter: Any, checks: Sequence[str] | None = None,
         except AssertionError as exc:
             failures[case.id] = str(exc)
     return failures
+
+
+# -- adaptive Muon: second moments after Newton-Schulz, cautious weight decay ---------------
+
+ADAPTIVE_OPTIONS: dict[str, dict[str, Any]] = {
+    "normuon": {"second_moment": "normuon"},
+    "adamuon": {"second_moment": "adamuon"},
+    "normuon_beta2": {"second_moment": "normuon", "beta2": 0.5, "second_moment_eps": 1e-3},
+    "adamuon_no_qkv_split": {"second_moment": "adamuon", "beta2": 0.9, "split_qkv": False},
+    "cautious_weight_decay": {"cautious_weight_decay": True, "weight_decay": 1.5},
+    "normuon_cautious": {"second_moment": "normuon", "cautious_weight_decay": True,
+                         "momentum_kind": "sum", "nesterov": False},
+}
+ADAPTIVE_STATE_CASES = [Case(name, None, base_config(**ADAPTIVE_OPTIONS[name]))
+                        for name in ("normuon", "adamuon", "normuon_cautious")]
+
+# Variations of the same arithmetic run with the slow checks.
+ADAPTIVE_SLOW = frozenset({"normuon_beta2", "adamuon_no_qkv_split"})
+
+_register("adaptive_trajectory", [Case(name, None, base_config(**changes),
+                                       slow=name in ADAPTIVE_SLOW)
+                                  for name, changes in ADAPTIVE_OPTIONS.items()])(
+    check_trajectory)
+_register("adaptive_state", ADAPTIVE_STATE_CASES)(check_state)
+_register("adaptive_resume", ADAPTIVE_STATE_CASES)(check_resume)
+
+
+def _zero_gradient_inputs(tier: str) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
+    """Zero-initialised Muon matrices whose gradients are zero at first, then partly zero."""
+    params, grads = seeded_inputs(tier, 3)
+    for name, shape in STANDARD_SHAPES.items():
+        if len(shape) >= 2:
+            params[name][...] = 0.0
+            grads[0][name][...] = 0.0
+            grads[1][name][..., :2] = 0.0
+    return params, grads
+
+
+@_register("adaptive_zero_gradients", [Case(name, None, base_config(**ADAPTIVE_OPTIONS[name]))
+                                       for name in ("normuon", "adamuon", "normuon_cautious")])
+def check_adaptive_zero_gradients(adapter: Any, _: Any, where: Where) -> None:
+    """Zero-initialised matrices with all-zero, then partly zero, gradients follow the float64
+    reference with a second moment (no NaN from a zero norm or a zero second moment)."""
+    params, grads = _zero_gradient_inputs(where.tier)
+    history, handle = drive(adapter, params, grads, where.config)
+    expected = reference_trajectory(params, grads, where.config)
+    compare_trajectory(history, expected, params, where.tol, where)
+    compare_state(adapter.state(handle), expected[-1][1], where.tol, where,
+                  "state after the zero-gradient steps")
