@@ -4,6 +4,7 @@ Imports only the standard library and array-api-compat: config, routing plan, Ne
 on any Array API array, and the reference step every backend is checked against.
 """
 
+from muon_core._checkpoint import Checkpoint, read_checkpoint, save_checkpoint
 from muon_core._config import AdamWConfig, MuonConfig, Rule
 from muon_core._ns import NSSchedule, ns_schedule, orthogonalize, resolve_dtype
 from muon_core._owners import OwnerTable, assign_owners, ns_flops, param_ns_flops, total_ns_flops
@@ -30,6 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdamWConfig",
+    "Checkpoint",
     "MuonConfig",
     "NSSchedule",
     "OwnerTable",
@@ -61,8 +63,10 @@ __all__ = [
     "plan",
     "qk_clip",
     "qk_clip_scales",
+    "read_checkpoint",
     "reference_step",
     "resolve_dtype",
+    "save_checkpoint",
     "step_allowed",
     "to_matrices",
     "total_ns_flops",
