@@ -1,4 +1,4 @@
-"""The `muon` command: demo, plan, bench and conformance."""
+"""The `muon` command: demo, plan, bench, checkpoint and conformance."""
 
 from __future__ import annotations
 
@@ -35,6 +35,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from muon_cli.plan_cmd import run_plan
 
     print(run_plan(args.model, args.config, args.layout))
+    return 0
+
+
+def _cmd_checkpoint(args: argparse.Namespace) -> int:
+    from muon_core._checkpoint import read_checkpoint, summary
+
+    print(summary(read_checkpoint(args.path)))
     return 0
 
 
@@ -96,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rounds", type=_positive_int, default=5)
     bench.add_argument("--threads", type=_positive_int, default=1)
 
+    checkpoint = sub.add_parser("checkpoint", help="inspect a portable optimizer checkpoint",
+                                description="Inspect a checkpoint written by muon_torch.save "
+                                "or muon_jax.save: config, plan, steps and sizes.")
+    checkpoint_sub = checkpoint.add_subparsers(dest="action", required=True, metavar="ACTION")
+    inspect = checkpoint_sub.add_parser("inspect", help="print config, plan, steps and sizes")
+    inspect.add_argument("path", metavar="PATH")
+
     conformance = sub.add_parser("conformance", help="run the conformance suite on a backend",
                                  description="Run the conformance suite; extra arguments go "
                                  "to pytest.")
@@ -112,7 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "conformance":
             return _cmd_conformance(args, extra)
-        return {"demo": _cmd_demo, "plan": _cmd_plan, "bench": _cmd_bench}[args.command](args)
+        return {"demo": _cmd_demo, "plan": _cmd_plan, "bench": _cmd_bench,
+                "checkpoint": _cmd_checkpoint}[args.command](args)
     except (ValueError, TypeError, ImportError, OSError) as exc:
         print(f"muon {args.command}: error: {exc}", file=sys.stderr)
         return 1

@@ -255,7 +255,7 @@ def summary(checkpoint: Checkpoint) -> str:
         state = checkpoint.state(record["name"])
         view = "x".join(map(str, record["matrix_shape"])) if record["algorithm"] == "muon" else "-"
         rows.append((record["name"], record["algorithm"], str(tuple(record["stored_shape"])),
-                     view, str(checkpoint.steps.get(record["name"], 0)),
+                     view, str(checkpoint.steps.get(record["name"], "-")),
                      ",".join(sorted(state)) or "-", str(sum(len(t.data) for t in state.values()))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]

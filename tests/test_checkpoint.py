@@ -221,3 +221,16 @@ def test_summary_lists_config_plan_steps_and_sizes(tmp_path):
     assert "muon" in line and "1x32x16" in line and str(32 * 16 * 4) in line
     line = next(row for row in text.splitlines() if row.startswith("fc1.bias"))
     assert line.split()[4] == "3"
+
+
+def test_cli_inspect_prints_the_summary(tmp_path, capsys):
+    from muon_cli.main import main
+
+    run = TorchRun(_initial_weights()).train(_batches()[:1])
+    muon_torch.save(tmp_path / "a.safetensors", run.opt)
+    assert main(["checkpoint", "inspect", str(tmp_path / "a.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert out.strip() == _checkpoint.summary(read_checkpoint(tmp_path / "a.safetensors"))
+    (tmp_path / "bad").write_bytes(b"x")
+    assert main(["checkpoint", "inspect", str(tmp_path / "bad")]) == 1
+    assert "too short for a safetensors file" in capsys.readouterr().err
