@@ -20,7 +20,9 @@ import jax.numpy as jnp  # noqa: E402
 import muon_jax  # noqa: E402
 from muon_core import MuonConfig, read_checkpoint  # noqa: E402
 from muon_core import _checkpoint  # noqa: E402
-from test_cross_framework import CONFIG, LAYERS, TorchModel, _initial_weights, _jax_loss  # noqa: E402
+from test_cross_framework import (  # noqa: E402
+    CONFIG, LAYERS, TorchModel, _initial_weights, _jax_loss,
+)
 
 pytestmark = [pytest.mark.jax, pytest.mark.torch]
 
