@@ -1,4 +1,4 @@
-"""The `muon` command: demo, plan, bench and conformance."""
+"""The `muon` command: demo, plan, bench, checkpoint and conformance."""
 
 from __future__ import annotations
 
@@ -39,6 +39,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if args.world_size is not None:
         print()
         print(owner_report(plan, args.world_size))
+    return 0
+
+
+def _cmd_checkpoint(args: argparse.Namespace) -> int:
+    from muon_core._checkpoint import read_checkpoint, summary
+
+    print(summary(read_checkpoint(args.path)))
     return 0
 
 
@@ -108,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="wall: elapsed time; cpu: the process's CPU time (steadier when "
                             "other jobs share the cores)")
 
+    checkpoint = sub.add_parser("checkpoint", help="inspect a portable optimizer checkpoint",
+                                description="Inspect a checkpoint written by muon_torch.save "
+                                "or muon_jax.save: config, plan, steps and sizes.")
+    checkpoint_sub = checkpoint.add_subparsers(dest="action", required=True, metavar="ACTION")
+    inspect = checkpoint_sub.add_parser("inspect", help="print config, plan, steps and sizes")
+    inspect.add_argument("path", metavar="PATH")
+
     conformance = sub.add_parser("conformance", help="run the conformance suite on a backend",
                                  description="Run the conformance suite; extra arguments go "
                                  "to pytest.")
@@ -124,7 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "conformance":
             return _cmd_conformance(args, extra)
-        return {"demo": _cmd_demo, "plan": _cmd_plan, "bench": _cmd_bench}[args.command](args)
+        return {"demo": _cmd_demo, "plan": _cmd_plan, "bench": _cmd_bench,
+                "checkpoint": _cmd_checkpoint}[args.command](args)
     except (ValueError, TypeError, ImportError, OSError) as exc:
         print(f"muon {args.command}: error: {_with_install_hint(exc)}", file=sys.stderr)
         return 1

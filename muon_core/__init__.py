@@ -13,6 +13,7 @@ from muon_core._adaptive import (
     second_moment_shape,
 )
 from muon_core._architectures import name_kind, qkv_kind
+from muon_core._checkpoint import Checkpoint, read_checkpoint, save_checkpoint
 from muon_core._config import AdamWConfig, MuonConfig, Rule
 from muon_core._ns import (DeviceFacts, NSSchedule, auto_ns_dtype, describe_ns_dtype,
                            host_cpu_flags, ns_schedule, orthogonalize, resolve_dtype)
@@ -42,6 +43,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdamWConfig",
+    "Checkpoint",
     "DeviceFacts",
     "MuonConfig",
     "NSSchedule",
@@ -86,8 +88,10 @@ __all__ = [
     "qk_clip",
     "qk_clip_scales",
     "qkv_kind",
+    "read_checkpoint",
     "reference_step",
     "resolve_dtype",
+    "save_checkpoint",
     "scaled_update",
     "second_moment_shape",
     "step_allowed",

@@ -8,6 +8,7 @@ Modules: `_plan` (leaf names, `plan_for`), `_hyper` (overrides, injectable hyper
 `_transform` (`scale_by_muon`, `muon`).
 """
 
+from muon_jax._checkpoint import load, save
 from muon_jax._nonfinite import NonfiniteRecord, raise_if_nonfinite
 from muon_jax._ns import orthogonalize
 from muon_jax._plan import leaf_names, plan_for
@@ -19,11 +20,13 @@ __all__ = [
     "NonfiniteRecord",
     "ScaleByMuonState",
     "leaf_names",
+    "load",
     "muon",
     "orthogonalize",
     "plan_for",
     "qk_clip",
     "qk_max",
     "raise_if_nonfinite",
+    "save",
     "scale_by_muon",
 ]

@@ -131,6 +131,28 @@ def _require(module: str, attribute: str, install: str) -> Any:
     return getattr(found, attribute)
 
 
+def _torch_tensor(array: Any) -> Any:
+    """A torch tensor from a numpy array; bfloat16 (ml_dtypes) through its 16-bit pattern."""
+    import torch
+
+    array = np.asarray(array)
+    if array.dtype.name == "bfloat16":
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
+def _numpy_array(tensor: Any) -> np.ndarray:
+    """A numpy copy of a CPU tensor; bfloat16 becomes ml_dtypes' bfloat16."""
+    import torch
+
+    tensor = tensor.detach()
+    if tensor.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
+    return tensor.numpy().copy()
+
+
 @dataclasses.dataclass
 class TorchHandle:
     """A `muon_torch.Muon` and its parameters by name."""
@@ -152,7 +174,7 @@ class TorchAdapter:
         """A `Muon` over parameters copied from `params`."""
         import torch
 
-        named = {name: torch.nn.Parameter(torch.tensor(np.asarray(p)))
+        named = {name: torch.nn.Parameter(_torch_tensor(p).clone())
                  for name, p in params.items()}
         return TorchHandle(self.muon_class(list(named.items()), config=config), named)
 
@@ -166,7 +188,7 @@ class TorchAdapter:
         for name, param in handle.params.items():
             grad = grads.get(name)
             try:
-                param.grad = None if grad is None else torch.from_numpy(np.asarray(grad))
+                param.grad = None if grad is None else _torch_tensor(grad)
             except RuntimeError as exc:
                 raise ValueError(f"gradient of {name!r} has shape {tuple(np.shape(grad))}, "
                                  f"expected {tuple(param.shape)} (torch: {exc})") from exc
@@ -184,12 +206,12 @@ class TorchAdapter:
 
     def params(self, handle: TorchHandle) -> dict[str, np.ndarray]:
         """numpy copies of the parameters."""
-        return {name: p.detach().numpy().copy() for name, p in handle.params.items()}
+        return {name: _numpy_array(p) for name, p in handle.params.items()}
 
     def state(self, handle: TorchHandle) -> dict[str, dict[str, Any]]:
         """`optimizer.state[param]` by name, tensors as numpy, `step` as an int."""
         state = handle.optimizer.state
-        return {name: {key: int(value) if key == "step" else value.detach().numpy().copy()
+        return {name: {key: int(value) if key == "step" else _numpy_array(value)
                        for key, value in state[p].items()}
                 for name, p in handle.params.items() if p in state}
 

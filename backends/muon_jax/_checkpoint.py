@@ -1,0 +1,119 @@
+"""The portable checkpoint (see `muon_core.save_checkpoint`) for `muon` states: `save`, `load`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import optax
+from muon_core import MuonConfig
+from muon_core import _checkpoint as ckpt
+
+from muon_jax._plan import flatten, plan_leaves
+
+# Checkpoint state key -> (optax state class, field) holding that buffer, params-shaped.
+BUFFERS = {"momentum_buffer": ("ScaleByMuonState", "momentum_buffer"),
+           "exp_avg": ("ScaleByAdamState", "mu"), "exp_avg_sq": ("ScaleByAdamState", "nu")}
+COUNT = ("ScaleByAdamState", "count")
+NUMPY_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+                "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
+                "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+CODES = {np.dtype(d): code for code, d in NUMPY_DTYPES.items()}
+
+
+def _where(owner: str):
+    return lambda path, _: bool(path) and getattr(path[-1], "tuple_name", None) == owner
+
+
+def _field(state: Any, owner: str, field: str) -> Any:
+    return optax.tree_utils.tree_get(state, field, filtering=_where(owner))
+
+
+def _plan(params: Any, config: MuonConfig | None, layout: str,
+          algorithms: Mapping[str, str] | None, names: Mapping[str, str] | None):
+    leaf_names, leaves, _ = flatten(params)
+    plan = plan_leaves(leaf_names, leaves, config or MuonConfig(), layout, algorithms)
+    saved = ckpt.renamed(plan, names)
+    return {e.name: s for e, s in zip(plan, saved)}, saved
+
+
+def _to_stored(x: Any, perm: tuple[int, ...]) -> ckpt.Tensor:
+    array = np.ascontiguousarray(np.transpose(np.asarray(x), perm))
+    return ckpt.Tensor(CODES[array.dtype], array.shape, array.tobytes())
+
+
+def save(path: str | os.PathLike, state: Any, params: Any, config: MuonConfig | None = None, *,
+         layout: str = "in_out", algorithms: Mapping[str, str] | None = None,
+         names: Mapping[str, str] | None = None) -> None:
+    """Write a `muon` state as a portable checkpoint at `path`.
+
+    `config`, `layout` and `algorithms` are those `muon` was built with (they fix the plan);
+    `names` maps leaf names to the names stored, e.g. `{"fc1.kernel": "fc1.weight"}` to
+    match a torch model. Stored: `momentum_buffer`, AdamW's `mu`/`nu` as `exp_avg`/
+    `exp_avg_sq`, and its `count` as each AdamW parameter's `step`.
+    """
+    entries, plan = _plan(params, config, layout, algorithms, names)
+    state_out: dict[str, dict[str, ckpt.Tensor]] = {}
+    for key, (owner, field) in BUFFERS.items():
+        tree = _field(state, owner, field)
+        if tree is None:
+            continue
+        for name, leaf in zip(*flatten(tree)[:2]):
+            entry = entries[name]
+            state_out.setdefault(entry.name, {})[key] = _to_stored(
+                leaf, ckpt.canonical_perm(entry, layout))
+    count = _field(state, *COUNT)
+    steps = {}
+    if count is not None:
+        for saved in state_out.values():
+            if "exp_avg" in saved:
+                saved["step"] = _to_stored(np.asarray(count, np.float32), ())
+        steps = {n: int(count) for n, s in state_out.items() if "step" in s}
+    ckpt.save_checkpoint(path, plan, layout, state_out, steps)
+
+
+def _from_stored(t: ckpt.Tensor) -> np.ndarray:
+    return np.frombuffer(t.data, NUMPY_DTYPES[t.dtype]).reshape(t.shape)
+
+
+def load(path: str | os.PathLike, state_template: Any, params: Any,
+         config: MuonConfig | None = None, *, layout: str = "in_out",
+         algorithms: Mapping[str, str] | None = None,
+         names: Mapping[str, str] | None = None) -> Any:
+    """A copy of `state_template` (from `tx.init(params)`) holding the checkpoint's state.
+
+    Arguments as in `save`. Refuses, naming the first difference, a checkpoint of another
+    format version, for other parameter names or shapes, or routed otherwise. Buffers take
+    the template's dtypes; parameters without stored state keep the template's (zero) state.
+    """
+    checkpoint = ckpt.read_checkpoint(path)
+    entries, plan = _plan(params, config, layout, algorithms, names)
+    ckpt.check_matches(checkpoint, plan, layout, path)
+    changes = []
+    for key, (owner, field) in BUFFERS.items():
+        tree = _field(state_template, owner, field)
+        if tree is None:
+            continue
+        leaf_names, leaves, treedef = flatten(tree)
+        new = []
+        for name, leaf in zip(leaf_names, leaves):
+            entry = entries[name]
+            stored = checkpoint.state(entry.name).get(key)
+            new.append(leaf if stored is None else jnp.asarray(np.transpose(
+                _from_stored(stored), ckpt.inverse(ckpt.canonical_perm(entry, layout))),
+                dtype=leaf.dtype))
+        changes.append((owner, field, treedef.unflatten(new)))
+    count = _field(state_template, *COUNT)
+    if count is not None:
+        adamw = [r["name"] for r in checkpoint.plan if r["algorithm"] == "adamw"]
+        step = ckpt.common_step((checkpoint.steps[n] for n in adamw if n in checkpoint.steps),
+                                "the checkpoint's AdamW parameters")
+        changes.append((*COUNT, jnp.asarray(step, dtype=count.dtype)))
+    for owner, field, value in changes:
+        state_template = optax.tree_utils.tree_set(state_template, _where(owner),
+                                                   **{field: value})
+    return state_template
