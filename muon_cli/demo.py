@@ -83,21 +83,26 @@ def train_loop(step: Callable[[int], None], evaluate: Callable[[], dict[str, flo
     """Run `step(i)` for every step, evaluating every `eval_every` steps; time the steps only.
 
     `evaluate()` returns the metrics (`test_loss`, `test_accuracy` on held-out text); the curve holds each metric as a list, with
-    `step`, `seconds` (training time so far) and the total `train_seconds`.
+    `step`, `seconds` (training time so far), `cpu_seconds` (the process's CPU time in the
+    steps so far: steadier than `seconds` when other jobs share the cores) and the total
+    `train_seconds`.
     """
     from tqdm.auto import tqdm
 
-    curve = {"step": [0], "seconds": [0.0]} | {k: [v] for k, v in evaluate().items()}
-    seconds = 0.0
+    curve = {"step": [0], "seconds": [0.0], "cpu_seconds": [0.0]} | {
+        k: [v] for k, v in evaluate().items()}
+    seconds = cpu_seconds = 0.0
     bar = tqdm(range(settings.steps), desc=f"{settings.backend} {label}", unit="step",
                leave=False, disable=not progress if progress is not None else None)
     for i in bar:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step(i)
         seconds += time.perf_counter() - start
+        cpu_seconds += time.process_time() - cpu_start
         if (i + 1) % settings.eval_every == 0 or i + 1 == settings.steps:
             curve["step"].append(i + 1)
             curve["seconds"].append(seconds)
+            curve["cpu_seconds"].append(cpu_seconds)
             for key, value in evaluate().items():
                 curve[key].append(value)
             bar.set_postfix(test_loss=f"{curve['test_loss'][-1]:.4f}")
@@ -216,6 +221,8 @@ def summarize(curves: dict[str, dict]) -> dict[str, dict]:
                          "test_accuracy": c["test_accuracy"][-1],
                          "steps_to_adamw_best": None if hit is None else c["step"][hit],
                          "seconds_to_adamw_best": None if hit is None else c["seconds"][hit],
+                         "cpu_seconds_to_adamw_best": (None if hit is None
+                                                       else c["cpu_seconds"][hit]),
                          "train_seconds": c["train_seconds"]}
     return summary
 

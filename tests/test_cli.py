@@ -121,9 +121,11 @@ def test_char_split_holds_out_the_end_of_the_text():
 
 def test_summary_counts_steps_to_adamw_best():
     curves = {"muon": {"step": [0, 10, 20, 30], "seconds": [0.0, 0.5, 1.0, 1.5],
+                       "cpu_seconds": [0.0, 0.4, 0.8, 1.2],
                        "test_loss": [2.0, 0.5, 0.2, 0.1], "test_accuracy": [0.1, 0.8, 0.9, 0.95],
                        "train_seconds": 1.5},
               "adamw": {"step": [0, 10, 20, 30], "seconds": [0.0, 0.2, 0.4, 0.6],
+                        "cpu_seconds": [0.0, 0.2, 0.4, 0.6],
                         "test_loss": [2.0, 1.0, 0.4, 0.3], "test_accuracy": [0.1, 0.6, 0.8, 0.9],
                         "train_seconds": 0.6}}
     summary = demo.summarize(curves)
@@ -131,6 +133,7 @@ def test_summary_counts_steps_to_adamw_best():
     assert summary["muon"]["steps_to_adamw_best"] == 20
     assert summary["muon"]["seconds_to_adamw_best"] == 1.0
     assert summary["adamw"]["seconds_to_adamw_best"] == 0.6
+    assert summary["muon"]["cpu_seconds_to_adamw_best"] == 0.8
     assert summary["muon"]["final_test_loss"] == 0.1 and summary["adamw"]["best_test_loss"] == 0.3
     line = demo.speedup_line(summary)
     assert "1.5x fewer steps" in line and "0.6x less time" in line
@@ -152,6 +155,7 @@ def _check_demo_outputs(out_dir, steps):
         assert curve["step"][0] == 0 and curve["step"][-1] == steps
         assert all(np.isfinite(curve["test_loss"]))
         assert all(0.0 <= a <= 1.0 for a in curve["test_accuracy"])
+        assert len(curve["cpu_seconds"]) == len(curve["step"])
     return record
 
 
