@@ -62,6 +62,15 @@ def char_windows(ids: np.ndarray, context: int, batch_size: int, rng: np.random.
     return ids[window[:, :-1]], ids[window[:, 1:]]
 
 
+def char_split(test_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """The encoded Python-source corpus as `(train_ids, test_ids)`: the last part is held out."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction={test_fraction!r} is invalid: expected a number in (0, 1)")
+    ids = encode_chars(python_source_text())
+    cut = round(len(ids) * (1.0 - test_fraction))
+    return ids[:cut], ids[cut:]
+
+
 def char_example_settings(description: str, default_config: str) -> tuple[int, MuonConfig]:
     """Parse the char-model examples' `--steps` and `--config`; return the steps and the config."""
     parser = argparse.ArgumentParser(description=description)

@@ -20,9 +20,9 @@ def _positive_int(text: str) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from muon_cli.demo import Settings, run_demo, sweep
 
-    settings = Settings(backend=args.backend, steps=args.steps, seed=args.seed,
-                        **{k: v for k, v in (("muon_lr", args.muon_lr),
-                                             ("adamw_lr", args.adamw_lr)) if v is not None})
+    optional = {"steps": args.steps, "muon_lr": args.muon_lr, "adamw_lr": args.adamw_lr}
+    settings = Settings(backend=args.backend, seed=args.seed,
+                        **{k: v for k, v in optional.items() if v is not None})
     progress = False if args.no_progress else None
     if args.sweep:
         sweep(settings, progress)
@@ -77,12 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="muon-core: one specification of the Muon optimizer, for torch and JAX.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="train a digits classifier with Muon and with AdamW",
-                          description="Train an MLP on the bundled UCI digits with Muon and with "
-                          "AdamW (same init and batches), print a comparison and write "
-                          "loss.png and demo.json.")
+    demo = sub.add_parser("demo", help="train a small character-level transformer with Muon "
+                          "and with AdamW", description="Train a small character-level "
+                          "transformer on Python source with Muon and with AdamW (same init and "
+                          "batches), compare held-out loss and accuracy against training time, "
+                          "and write loss.png and demo.json.")
     demo.add_argument("--backend", choices=("torch", "jax"), default="torch")
-    demo.add_argument("--steps", type=_positive_int, default=300, help="default: 300")
+    demo.add_argument("--steps", type=_positive_int, help="default: 100")
     demo.add_argument("--out", default="muon-demo", help="output folder (default: ./muon-demo)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--muon-lr", type=float, help="Muon's lr (default: the tuned value)")

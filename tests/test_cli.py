@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from muon_cli import bench_cmd, demo
-from muon_cli.data import digits_split, load_digits
+from muon_cli.data import char_split, digits_split, load_digits
 from muon_cli.main import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -108,30 +108,54 @@ def test_demo_rejects_bad_values(capsys):
         demo.Settings(backend="mxnet")
 
 
-def test_batch_indices_are_shuffled_epochs():
-    batches = demo.batch_indices(10, 4, 5, seed=0)
-    assert batches.shape == (5, 4)
-    flat = batches.ravel()
-    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
+def test_demo_data_batches_come_from_training_text_and_eval_from_held_out():
+    settings = demo.Settings(steps=3, batch_size=2)
+    data = demo.demo_data(settings)
+    assert data.x.shape == data.y.shape == (3, 2, demo.CONTEXT)
+    assert data.test_x.shape == (demo.EVAL_SEQUENCES, demo.CONTEXT)
+    # Targets are the inputs shifted by one character.
+    np.testing.assert_array_equal(data.x[..., 1:], data.y[..., :-1])
+    train_ids, test_ids = char_split()
+    text = "".join(map(chr, train_ids + 31))  # ids are offsets of 31 from ASCII, enough to match
+    assert "".join(map(chr, data.x[0, 0] + 31)) in text
+    assert "".join(map(chr, data.test_x[0] + 31)) in "".join(map(chr, test_ids + 31))
+    # Seeded: the same settings give the same batches.
+    np.testing.assert_array_equal(demo.demo_data(settings).x, data.x)
+
+
+def test_char_split_holds_out_the_end_of_the_text():
+    train_ids, test_ids = char_split(test_fraction=0.25)
+    assert len(test_ids) == pytest.approx((len(train_ids) + len(test_ids)) / 4, abs=1)
+    with pytest.raises(ValueError, match="test_fraction=0"):
+        char_split(test_fraction=0)
 
 
 def test_summary_counts_steps_to_adamw_best():
     curves = {"muon": {"step": [0, 10, 20, 30], "seconds": [0.0, 0.5, 1.0, 1.5],
-                       "loss": [2.0, 0.5, 0.2, 0.1], "test_accuracy": [0.1, 0.8, 0.9, 0.95],
+                       "cpu_seconds": [0.0, 0.4, 0.8, 1.2],
+                       "test_loss": [2.0, 0.5, 0.2, 0.1], "test_accuracy": [0.1, 0.8, 0.9, 0.95],
                        "train_seconds": 1.5},
               "adamw": {"step": [0, 10, 20, 30], "seconds": [0.0, 0.2, 0.4, 0.6],
-                        "loss": [2.0, 1.0, 0.4, 0.3], "test_accuracy": [0.1, 0.6, 0.8, 0.9],
+                        "cpu_seconds": [0.0, 0.2, 0.4, 0.6],
+                        "test_loss": [2.0, 1.0, 0.4, 0.3], "test_accuracy": [0.1, 0.6, 0.8, 0.9],
                         "train_seconds": 0.6}}
     summary = demo.summarize(curves)
     assert summary["adamw"]["steps_to_adamw_best"] == 30
     assert summary["muon"]["steps_to_adamw_best"] == 20
     assert summary["muon"]["seconds_to_adamw_best"] == 1.0
     assert summary["adamw"]["seconds_to_adamw_best"] == 0.6
-    assert summary["muon"]["final_loss"] == 0.1 and summary["adamw"]["best_loss"] == 0.3
-    assert "1.5x fewer steps" in demo.speedup_line(summary)
+    assert summary["muon"]["cpu_seconds_to_adamw_best"] == 0.8
+    assert summary["muon"]["final_test_loss"] == 0.1 and summary["adamw"]["best_test_loss"] == 0.3
+    line = demo.speedup_line(summary)
+    assert "1.5x fewer steps" in line and "0.6x less time" in line
     table = demo.format_table(summary)
     assert table.splitlines()[2].split() == ["muon", "0.1000", "0.1000", "95.0%", "20", "1.00",
                                              "s", "1.50", "s"]
+
+
+def test_speedup_line_says_when_muon_never_reaches_adamw_best():
+    summary = {"muon": {"steps_to_adamw_best": None}, "adamw": {"steps_to_adamw_best": 30}}
+    assert "did not reach AdamW's best held-out loss (step 30)" in demo.speedup_line(summary)
 
 
 def _check_demo_outputs(out_dir, steps):
@@ -140,7 +164,9 @@ def _check_demo_outputs(out_dir, steps):
     assert set(record["summary"]) == {"muon", "adamw"}
     for curve in record["curves"].values():
         assert curve["step"][0] == 0 and curve["step"][-1] == steps
-        assert all(np.isfinite(curve["loss"]))
+        assert all(np.isfinite(curve["test_loss"]))
+        assert all(0.0 <= a <= 1.0 for a in curve["test_accuracy"])
+        assert len(curve["cpu_seconds"]) == len(curve["step"])
     return record
 
 
@@ -153,9 +179,9 @@ def test_demo_torch_writes_table_plot_and_record(tmp_path, capsys):
     record = _check_demo_outputs(tmp_path, 12)
     assert record["settings"]["backend"] == "torch"
     assert record["torch"] == pytest.importorskip("torch").__version__
-    # Training lowers the loss from its starting point for both optimizers.
+    # Training lowers the held-out loss from its starting point for both optimizers.
     for curve in record["curves"].values():
-        assert curve["loss"][-1] < curve["loss"][0]
+        assert curve["test_loss"][-1] < curve["test_loss"][0]
 
 
 @pytest.mark.torch
