@@ -3,8 +3,10 @@ high enough that its attention logits keep growing, with and without QK-clip.
 
 Both runs start from the same weights and see the same batches. Each step records the largest
 pre-softmax logit of every head (`muon_torch.record_qk_max`); with QK-clip the optimizer then
-scales down the query and key weights of the heads above tau (`Muon.qk_clip`). Prints the
-largest logit and the loss of both runs and plots the largest logit per step.
+scales down the query and key weights of the heads above tau (`Muon.qk_clip`). After the step
+(and the clip) one more forward pass on the same batch measures the largest logit of the new
+weights. Prints the largest logit and the loss of both runs and plots the largest logit per
+step.
 
     python examples/qk_clip_demo.py [--steps 200] [--lr 0.1] [--tau 30] [--plot FILE]
 """
@@ -81,10 +83,11 @@ def train(config: MuonConfig, steps: int, seed: int = 0) -> dict:
     model = TinyGPT()
     opt = Muon.for_model(model, config)
     rng = np.random.default_rng(seed)
-    max_logit, losses = [], []
+    max_logit, after_step, losses = [], [], []
     for _ in range(steps):
         qk_max: dict = {}
-        loss = loss_of(model, *char_windows(ids[:split], CONTEXT, 32, rng), qk_max)
+        batch = char_windows(ids[:split], CONTEXT, 32, rng)
+        loss = loss_of(model, *batch, qk_max)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -92,12 +95,22 @@ def train(config: MuonConfig, steps: int, seed: int = 0) -> dict:
         losses.append(loss.item())
         if config.qk_clip is not None:
             opt.qk_clip(qk_max)
+        after_step.append(largest_logit(model, batch))
     eval_rng = np.random.default_rng(1234)
     with torch.no_grad():
         held_out = float(np.mean([float(loss_of(model, *char_windows(ids[split:], CONTEXT, 64,
                                                                       eval_rng), {}))
                                   for _ in range(8)]))
-    return {"max_logit": max_logit, "loss": losses, "held_out_loss": held_out}
+    return {"max_logit": max_logit, "after_step": after_step, "loss": losses,
+            "held_out_loss": held_out}
+
+
+def largest_logit(model: TinyGPT, batch: tuple) -> float:
+    """The largest logit of one fresh forward pass on `batch` with the current weights."""
+    qk_max: dict = {}
+    with torch.no_grad():
+        loss_of(model, *batch, qk_max)
+    return max(float(s.max()) for s in qk_max.values())
 
 
 def main() -> None:
@@ -119,7 +132,8 @@ def main() -> None:
         runs[label] = train(config, args.steps)
         r = runs[label]
         print(f"{label:28s} max logit: peak {max(r['max_logit']):8.2f}, last "
-              f"{r['max_logit'][-1]:8.2f} | train loss (last 20 steps) "
+              f"{r['max_logit'][-1]:8.2f}, after step+clip peak {max(r['after_step']):8.2f} "
+              f"median {np.median(r['after_step'][50:]):8.2f} | train loss (last 20 steps) "
               f"{np.mean(r['loss'][-20:]):.4f} | held-out loss {r['held_out_loss']:.4f} "
               f"({time.perf_counter() - start:.0f} s)")
     if args.json:
@@ -137,13 +151,16 @@ def plot(runs: dict, tau: float, lr: float, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
     for label, run in runs.items():
-        ax.plot(run["max_logit"], label=label)
+        line, = ax.plot(run["max_logit"], label=f"{label}: recorded in the forward pass")
+        if "QK-clip" in label:
+            ax.plot(run["after_step"], color=line.get_color(), linestyle=":",
+                    label=f"{label}: same batch after the step and clip")
     ax.axhline(tau, color="grey", linestyle="--", linewidth=1, label=f"tau = {tau:g}")
     ax.set(xlabel="step", ylabel="largest attention logit", yscale="log",
            title=f"2-layer char transformer, Muon lr={lr:g}, no weight decay")
-    ax.legend()
+    ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
