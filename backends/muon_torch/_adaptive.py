@@ -66,7 +66,7 @@ def _adapt_block(update: torch.Tensor, state: dict[str, Any], entry: ParamPlan, 
     new_v = torch.lerp(block.to(wide), square, 1.0 - group["beta2"])
     block.copy_(new_v)
     if not is_view:
-        v.permute(entry.perm).copy_(matrices.view(entry.permuted_shape))
+        v.view(entry.view_shape).permute(entry.perm).copy_(matrices.view(entry.permuted_shape))
     denom = new_v.sqrt().add_(group["second_moment_eps"])
     scaled = o / (denom.unsqueeze(-1) if normuon else denom)
     return _keep_norm(scaled, o).to(v.dtype)
