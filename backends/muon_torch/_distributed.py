@@ -415,10 +415,10 @@ def _apply_orthogonalized(entries: dict, group: dict[str, Any],
     """New values of each parameter (copies): weight decay, then minus the LR-scaled
     Newton-Schulz of each block of its whole direction, one batched call per block shape."""
     from muon_torch._newton_schulz import newton_schulz
-    from muon_torch._optimizer import _add_block, _to_matrices
+    from muon_torch._optimizer import _add_block, _decay, _to_matrices
 
-    decay = 1.0 - group["lr"] * group["weight_decay"]
-    new = {p: p.detach().clone().mul_(decay) for p in directions}
+    new = {p: p.detach().clone() for p in directions}
+    _decay(list(new.values()), group)
     batches: dict[tuple[int, int], list[tuple]] = {}
     for p, direction in directions.items():
         entry = entries[p]
