@@ -131,21 +131,27 @@ def _require(module: str, attribute: str, install: str) -> Any:
     return getattr(found, attribute)
 
 
+def torch_device() -> str:
+    """The device the torch adapter runs on: `MUON_CONFORMANCE_DEVICE` (e.g. "cuda"), else cpu."""
+    return os.environ.get("MUON_CONFORMANCE_DEVICE", "cpu")
+
+
 def _torch_tensor(array: Any) -> Any:
-    """A torch tensor from a numpy array; bfloat16 (ml_dtypes) through its 16-bit pattern."""
+    """A torch tensor on `torch_device()` from a numpy array; bfloat16 (ml_dtypes) through its
+    16-bit pattern. On the CPU it shares the numpy memory."""
     import torch
 
     array = np.asarray(array)
     if array.dtype.name == "bfloat16":
-        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(array)
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16).to(torch_device())
+    return torch.from_numpy(array).to(torch_device())
 
 
 def _numpy_array(tensor: Any) -> np.ndarray:
-    """A numpy copy of a CPU tensor; bfloat16 becomes ml_dtypes' bfloat16."""
+    """A numpy copy of a tensor on any device; bfloat16 becomes ml_dtypes' bfloat16."""
     import torch
 
-    tensor = tensor.detach()
+    tensor = tensor.detach().cpu()
     if tensor.dtype == torch.bfloat16:
         import ml_dtypes
 
@@ -198,9 +204,7 @@ class TorchAdapter:
     def qk_clip(self, handle: TorchHandle, qk_max: Mapping[str, Any],
                 config: MuonConfig) -> TorchHandle:
         """`Muon.qk_clip` with the maxima as tensors (the optimizer holds `config`)."""
-        import torch
-
-        handle.optimizer.qk_clip({layer: torch.tensor(np.asarray(s)) for layer, s in
+        handle.optimizer.qk_clip({layer: _torch_tensor(np.asarray(s)) for layer, s in
                                   qk_max.items()})
         return handle
 
