@@ -177,7 +177,7 @@ class MuonConfig:
     ns_coefficients: Any = "keller"
     eps: float = 1e-7
     ns_dtype: str = "auto"
-    ns_algorithm: str = "gram"
+    ns_algorithm: str = "auto"
     lr_scaling: str = "original"
     split_qkv: bool = True
     nonfinite: str = "raise"

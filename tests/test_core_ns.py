@@ -197,6 +197,19 @@ def test_describe_ns_dtype_names_the_choice_and_its_reason():
     assert muon_core.describe_ns_dtype("bfloat16", facts) == "Newton-Schulz in bfloat16"
 
 
+@pytest.mark.parametrize(("dtype", "facts", "iteration"), [
+    ("auto", muon_core.DeviceFacts("cuda", cuda_capability=(9, 0)), "standard"),
+    ("auto", muon_core.DeviceFacts("cpu", cpu_capability="AVX2"), "gram"),
+    ("bfloat16", None, "standard"),
+    ("float32", None, "gram")])
+def test_auto_algorithm_is_gram_unless_newton_schulz_runs_in_bfloat16(dtype, facts, iteration):
+    line = muon_core.describe_ns_dtype(dtype, facts, "auto")
+    assert line.endswith(f", {iteration} iteration (ns_algorithm='auto')"), line
+    auto = ns_schedule("keller", 5, "auto")
+    assert muon_core._ns.uses_gram(auto, 8, 32, bfloat16=iteration == "standard") is (
+        iteration == "gram")
+
+
 @pytest.mark.parametrize("shape", [(6, 20), (20, 6), (2, 8, 12), (9, 9), (8, 11)])
 @pytest.mark.parametrize("coefficients", ["keller", "polar_express", "quintic"])
 def test_gram_newton_schulz_is_the_same_polynomial_in_float64(shape, coefficients):

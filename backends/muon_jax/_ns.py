@@ -54,7 +54,7 @@ def _newton_schulz(x: jax.Array, schedule: NSSchedule, eps: float) -> jax.Array:
     wide = x.astype(acc)
     norm = jnp.sqrt(jnp.sum(wide * wide, axis=(-2, -1), keepdims=True)) * schedule.norm_scale
     x = (wide / jnp.maximum(norm, eps)).astype(x.dtype)
-    if uses_gram(schedule, x.shape[-2], x.shape[-1]):
+    if uses_gram(schedule, x.shape[-2], x.shape[-1], x.dtype == jnp.bfloat16):
         return matmul(_gram_iterations(matmul(x, x.mT), schedule).astype(x.dtype), x).astype(
             x.dtype)
 

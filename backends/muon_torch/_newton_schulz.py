@@ -99,7 +99,7 @@ def _iterate_gram(x: torch.Tensor, schedule: NSSchedule, eps: float, out: torch.
 
 def _iterate(x: torch.Tensor, schedule: NSSchedule, eps: float, out: torch.Tensor) -> None:
     """Newton-Schulz on a batch `x` of shape (b, m, n) with m <= n, written into `out`."""
-    if uses_gram(schedule, x.shape[-2], x.shape[-1]):
+    if uses_gram(schedule, x.shape[-2], x.shape[-1], x.dtype == torch.bfloat16):
         _iterate_gram(x, schedule, eps, out)
         return
     # Every product writes into scratch allocated once; the last one writes into `out`.

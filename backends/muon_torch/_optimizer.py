@@ -230,7 +230,8 @@ class Muon(torch.optim.Optimizer):
         device = next((p.device for p, e in self._entries.items() if e.is_muon),
                       torch.device("cpu"))
         return Plan(tuple(self._entries.values()), self.config,
-                    muon_core.describe_ns_dtype(self.config.ns_dtype, device_facts(device)))
+                    muon_core.describe_ns_dtype(self.config.ns_dtype, device_facts(device),
+                                                self.config.ns_algorithm))
 
     @property
     def owners(self) -> muon_core.OwnerTable | None:
