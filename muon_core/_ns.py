@@ -120,6 +120,22 @@ def _frobenius_norm(x: Any, xp: Any) -> Any:
     return xp.astype(norm, x.dtype)
 
 
+def _normalised(x: Any, schedule: NSSchedule, eps: float, xp: Any) -> Any:
+    """`x / max(norm_scale * ||x||_F, eps)` per matrix. Both sides are first scaled by `2^-k`,
+    `k >= 0` the binary exponent of the largest `|entry|` (0 below 1; at most that of the
+    smallest normal number, which libraries flushing subnormals keep): exact, so no bit of the
+    result changes, but the norm stays finite for entries up to the dtype's largest, also
+    where it is accumulated in x's own dtype."""
+    biggest = xp.max(xp.abs(x), axis=(-2, -1), keepdims=True)
+    largest_k = round(-math.log2(xp.finfo(x.dtype).smallest_normal))
+    exponent = xp.clip(xp.floor(xp.log2(xp.maximum(biggest, xp.full_like(biggest, 0.5)))) + 1,
+                       min=0, max=largest_k)
+    power = xp.pow(xp.full_like(biggest, 2.0), -exponent)
+    scaled = x * power
+    norm = _frobenius_norm(scaled, xp) * schedule.norm_scale
+    return scaled / xp.maximum(norm, eps * power)
+
+
 def uses_gram(schedule: NSSchedule, rows: int, cols: int) -> bool:
     """Whether a block of `rows x cols` (either orientation) takes the Gram iteration."""
     small, large = sorted((rows, cols))
@@ -155,8 +171,7 @@ def _newton_schulz(x: Any, schedule: NSSchedule, eps: float, *, xp: Any) -> Any:
     tall = x.shape[-2] > x.shape[-1]
     if tall:
         x = _matrix_transpose(x, xp)
-    norm = _frobenius_norm(x, xp) * schedule.norm_scale
-    x = x / xp.maximum(norm, xp.asarray(eps, dtype=x.dtype))
+    x = _normalised(x, schedule, eps, xp)
     if uses_gram(schedule, x.shape[-2], x.shape[-1]):
         x = xp.astype(_gram_iterations(x, schedule, xp), x.dtype) @ x
     else:
