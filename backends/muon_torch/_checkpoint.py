@@ -99,7 +99,8 @@ def save(path: str | os.PathLike, optimizer: Muon, *,
     _raise_together(optimizer._sharding.group, error, f"writing {path}")
 
 
-def _gather_to_first_rank(sharding: Any, pairs: list):
+def _gather_to_first_rank(sharding: Any, pairs: list
+                          ) -> tuple[dict[str, dict[str, ckpt.Tensor]], dict[str, int]] | None:
     """Collective: every rank's whole-tensor state (`Sharding.state_dict`, which all-gathers
     ZeRO-1 slices), merged on group rank 0 as `_stored` gives it; None on other ranks."""
     local = sharding.state_dict()["state"]
