@@ -6,7 +6,8 @@ Python: loading never unpickles. Tensors are named `"{parameter}/{state key}"` (
 `"fc1.weight/momentum_buffer"`, `"head.bias/exp_avg"`) and stored in the canonical layout
 (see `canonical_perm`). The header's `__metadata__` holds the format and its version, the
 config (`MuonConfig.to_dict`), the plan (per parameter: algorithm, shape, canonical shape,
-matrix view, blocks, LR scales) and the step counts, each as a JSON string.
+matrix view, blocks, LR scales, and for Muon parameters the second moment) and the step
+counts, each as a JSON string.
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ FORMAT_VERSION = 1
 DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
                "I8": 1, "U8": 1, "BOOL": 1}
 # The canonical state keys: torch's names. Backends map their own names onto these.
-STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "step")
+STATE_KEYS = ("momentum_buffer", "second_moment", "exp_avg", "exp_avg_sq", "step")
+# What a plan record compares between the saving and the loading side, in this order.
+COMPARED = ("algorithm", "second_moment", "stored_shape", "matrix_shape", "blocks",
+            "lr_scales")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,16 +94,39 @@ def inverse(perm: Sequence[int]) -> tuple[int, ...]:
     return tuple(sorted(range(len(perm)), key=perm.__getitem__))
 
 
-def plan_record(plan: Plan, layout: str) -> list[dict[str, Any]]:
-    """The plan as stored: what must match between the saving and the loading side."""
+def stored_perm(entry: ParamPlan, shape: Sequence[int], layout: str) -> tuple[int, ...]:
+    """Axis order storing a state tensor of `shape`: `canonical_perm` when it is shaped like
+    the parameter, else as it is (NorMuon's `(batch, rows)` second moment, scalars)."""
+    if tuple(shape) == tuple(entry.shape):
+        return canonical_perm(entry, layout)
+    return tuple(range(len(shape)))
+
+
+def loaded_perm(entry: ParamPlan, stored_shape: Sequence[int], layout: str) -> tuple[int, ...]:
+    """Axis order bringing a stored state tensor back to `layout` (undoing `stored_perm`)."""
+    perm = canonical_perm(entry, layout)
+    if tuple(stored_shape) == tuple(entry.shape[a] for a in perm):
+        return inverse(perm)
+    return tuple(range(len(stored_shape)))
+
+
+def plan_record(plan: Plan, layout: str,
+                second_moments: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+    """The plan as stored: what must match between the saving and the loading side.
+
+    `second_moments` maps a Muon parameter's name to its second moment ("none", "normuon",
+    "adamuon"; default: `plan.config.second_moment` for every one)."""
     records = []
     for entry in plan:
         perm = canonical_perm(entry, layout)
-        records.append({"name": entry.name, "algorithm": entry.algorithm,
-                        "shape": list(entry.shape),
-                        "stored_shape": [entry.shape[a] for a in perm],
-                        "matrix_shape": list(entry.matrix_shape), "blocks": list(entry.blocks),
-                        "lr_scales": list(entry.lr_scales)})
+        record = {"name": entry.name, "algorithm": entry.algorithm, "shape": list(entry.shape),
+                  "stored_shape": [entry.shape[a] for a in perm],
+                  "matrix_shape": list(entry.matrix_shape), "blocks": list(entry.blocks),
+                  "lr_scales": list(entry.lr_scales)}
+        if entry.is_muon:
+            record["second_moment"] = (second_moments or {}).get(
+                entry.name, plan.config.second_moment)
+        records.append(record)
     return records
 
 
@@ -167,9 +194,11 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, str], dict[str,
 
 # -- the checkpoint ---------------------------------------------------------------------------
 def save_checkpoint(path: str | os.PathLike, plan: Plan, layout: str,
-                    state: Mapping[str, Mapping[str, Tensor]], steps: Mapping[str, int]) -> None:
+                    state: Mapping[str, Mapping[str, Tensor]], steps: Mapping[str, int],
+                    second_moments: Mapping[str, str] | None = None) -> None:
     """Write a checkpoint: `state` maps parameter name -> state key -> tensor (already in the
-    canonical layout, see `canonical_perm`); `steps` maps parameter name -> steps taken."""
+    canonical layout, see `stored_perm`); `steps` maps parameter name -> steps taken;
+    `second_moments` as in `plan_record`."""
     names = {e.name for e in plan}
     unknown = sorted(set(state) - names)
     if unknown:
@@ -177,7 +206,7 @@ def save_checkpoint(path: str | os.PathLike, plan: Plan, layout: str,
     tensors = {f"{name}/{key}": t for name, keys in state.items() for key, t in keys.items()}
     metadata = {"format": FORMAT, "version": str(FORMAT_VERSION),
                 "config": json.dumps(plan.config.to_dict()), "layout": layout,
-                "plan": json.dumps(plan_record(plan, layout)),
+                "plan": json.dumps(plan_record(plan, layout, second_moments)),
                 "steps": json.dumps({n: int(s) for n, s in steps.items()})}
     write_safetensors(path, tensors, metadata)
 
@@ -198,8 +227,9 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 def first_difference(saved: Sequence[Mapping[str, Any]],
                      current: Sequence[Mapping[str, Any]]) -> str | None:
-    """The first way two plan records differ (names, then per parameter routing and shapes),
-    as a sentence; None when they match. Shapes in the saver's own layout are not compared."""
+    """The first way two plan records differ (names, then per parameter routing, second
+    moment and shapes), as a sentence; None when they match. Shapes in the saver's own layout
+    are not compared; a Muon record without `second_moment` has none."""
     saved_names = [r["name"] for r in saved]
     current_names = [r["name"] for r in current]
     for name in current_names:
@@ -212,16 +242,19 @@ def first_difference(saved: Sequence[Mapping[str, Any]],
     by_name = {r["name"]: r for r in saved}
     for record in current:
         old = by_name[record["name"]]
-        for key in ("algorithm", "stored_shape", "matrix_shape", "blocks", "lr_scales"):
-            if old[key] != record[key]:
-                return (f"parameter {record['name']!r}: {key} is {old[key]} in the checkpoint, "
-                        f"{record[key]} here")
+        for key in COMPARED:
+            default = "none" if record["algorithm"] == "muon" else None  # old records
+            if old.get(key, default) != record.get(key, default):
+                return (f"parameter {record['name']!r}: {key} is {old.get(key, default)} in the "
+                        f"checkpoint, {record.get(key, default)} here")
     return None
 
 
-def check_matches(checkpoint: Checkpoint, plan: Plan, layout: str, path: Any = "") -> None:
-    """Refuse a checkpoint saved for another model (names, shapes) or another routing."""
-    difference = first_difference(checkpoint.plan, plan_record(plan, layout))
+def check_matches(checkpoint: Checkpoint, plan: Plan, layout: str, path: Any = "",
+                  second_moments: Mapping[str, str] | None = None) -> None:
+    """Refuse a checkpoint saved for another model (names, shapes), another routing or
+    another second moment (`second_moments` as in `plan_record`)."""
+    difference = first_difference(checkpoint.plan, plan_record(plan, layout, second_moments))
     if difference is not None:
         raise ValueError(f"checkpoint {path} does not fit this optimizer: {difference}")
 

@@ -125,6 +125,22 @@ def _frobenius_norm(x: Any, xp: Any) -> Any:
     return xp.astype(norm, x.dtype)
 
 
+def _normalised(x: Any, schedule: NSSchedule, eps: float, xp: Any) -> Any:
+    """`x / max(norm_scale * ||x||_F, eps)` per matrix. Both sides are first scaled by `2^-k`,
+    `k >= 0` the binary exponent of the largest `|entry|` (0 below 1; at most that of the
+    smallest normal number, which libraries flushing subnormals keep): exact, so no bit of the
+    result changes, but the norm stays finite for entries up to the dtype's largest, also
+    where it is accumulated in x's own dtype."""
+    biggest = xp.max(xp.abs(x), axis=(-2, -1), keepdims=True)
+    largest_k = round(-math.log2(xp.finfo(x.dtype).smallest_normal))
+    exponent = xp.clip(xp.floor(xp.log2(xp.maximum(biggest, xp.full_like(biggest, 0.5)))) + 1,
+                       min=0, max=largest_k)
+    power = xp.pow(xp.full_like(biggest, 2.0), -exponent)
+    scaled = x * power
+    norm = _frobenius_norm(scaled, xp) * schedule.norm_scale
+    return scaled / xp.maximum(norm, eps * power)
+
+
 def uses_gram(schedule: NSSchedule, rows: int, cols: int, bfloat16: bool = False) -> bool:
     """Whether a block of `rows x cols` (either orientation) takes the Gram iteration;
     `bfloat16`: whether the working precision is bfloat16 (see `resolve_algorithm`)."""
@@ -136,7 +152,7 @@ def uses_gram(schedule: NSSchedule, rows: int, cols: int, bfloat16: bool = False
 def resolve_algorithm(algorithm: str, bfloat16: bool) -> str:
     """The iteration `ns_algorithm` stands for: "auto" is "gram" in float32 or wider and
     "standard" in bfloat16, where the Gram form's m x m iterations, which need at least float32,
-    would leave the bfloat16 matrix units (measured 1.6 to 4 times slower on an H100-class GPU)."""
+    would leave the bfloat16 matrix units (measured 1.6 to 4 times slower on an H200 GPU)."""
     if algorithm != "auto":
         return algorithm
     return "standard" if bfloat16 else "gram"
@@ -171,8 +187,7 @@ def _newton_schulz(x: Any, schedule: NSSchedule, eps: float, *, xp: Any) -> Any:
     tall = x.shape[-2] > x.shape[-1]
     if tall:
         x = _matrix_transpose(x, xp)
-    norm = _frobenius_norm(x, xp) * schedule.norm_scale
-    x = x / xp.maximum(norm, xp.asarray(eps, dtype=x.dtype))
+    x = _normalised(x, schedule, eps, xp)
     if uses_gram(schedule, x.shape[-2], x.shape[-1], _is_bfloat16(x.dtype, xp)):
         x = xp.astype(_gram_iterations(x, schedule, xp), x.dtype) @ x
     else:

@@ -2,7 +2,8 @@
 
 The model and batches are those of test_cross_framework (the same weights in torch's (out, in)
 and flax's (in, out) layouts). Resuming in the other framework after 20 steps must end where
-40 uninterrupted steps end, to float32 tolerance.
+40 uninterrupted steps end, to float32 tolerance, for plain Muon and for the NorMuon and
+AdaMuon second moments.
 """
 
 import json
@@ -27,6 +28,7 @@ from test_cross_framework import (  # noqa: E402
 pytestmark = [pytest.mark.jax, pytest.mark.torch]
 
 STEPS = 40
+SECOND_MOMENTS = pytest.mark.parametrize("second_moment", ["none", "normuon", "adamuon"])
 # flax leaf name -> torch parameter name
 TO_TORCH = {".".join(path): name for name, (path, _) in LAYERS.items()}
 
@@ -61,12 +63,13 @@ class TorchRun:
 class JaxRun:
     """The same model as a flax-layout pytree and `muon_jax.muon`."""
 
-    def __init__(self, weights):
+    def __init__(self, weights, config=CONFIG):
         self.params = {}
         for name, ((module, leaf), transposed) in LAYERS.items():
             value = weights[name].T if transposed else weights[name]
             self.params.setdefault(module, {})[leaf] = jnp.asarray(value)
-        self.tx = muon_jax.muon(CONFIG)
+        self.config = config
+        self.tx = muon_jax.muon(config)
         self.state = self.tx.init(self.params)
 
     def train(self, batches):
@@ -94,27 +97,40 @@ def _assert_same(resumed, uninterrupted, start):
                                    err_msg=name)
 
 
-def test_torch_to_jax_resumes_where_torch_would_be(tmp_path):
+def _second_moment_of(jax_state, leaf):
+    return np.asarray(jax_state.second_moment[leaf])
+
+
+@SECOND_MOMENTS
+def test_torch_to_jax_resumes_where_torch_would_be(tmp_path, second_moment):
     torch.manual_seed(0)
+    config = CONFIG.replace(second_moment=second_moment)
     start, batches = _initial_weights(), _batches()
-    uninterrupted = TorchRun(start).train(batches).weights()
-    first = TorchRun(start).train(batches[:20])
+    uninterrupted = TorchRun(start, config).train(batches).weights()
+    first = TorchRun(start, config).train(batches[:20])
     muon_torch.save(tmp_path / "opt.safetensors", first.opt)
-    second = JaxRun(first.weights())
+    second = JaxRun(first.weights(), config)
     second.state = muon_jax.load(tmp_path / "opt.safetensors", second.state, second.params,
-                                 CONFIG, names=TO_TORCH)
+                                 config, names=TO_TORCH)
     assert int(second.state.count) == 20
+    if second_moment != "none":  # loaded as torch holds it, in flax's layout
+        v = first.opt.state[first.model.fc1.weight]["second_moment"].numpy()
+        got = _second_moment_of(second.state, "fc1.kernel")
+        np.testing.assert_array_equal(got, v if second_moment == "normuon" else v.T)
+        assert np.abs(v).max() > 0
     _assert_same(second.train(batches[20:]).weights(), uninterrupted, start)
 
 
-def test_jax_to_torch_resumes_where_jax_would_be(tmp_path):
+@SECOND_MOMENTS
+def test_jax_to_torch_resumes_where_jax_would_be(tmp_path, second_moment):
     torch.manual_seed(0)
+    config = CONFIG.replace(second_moment=second_moment)
     start, batches = _initial_weights(), _batches()
-    uninterrupted = JaxRun(start).train(batches).weights()
-    first = JaxRun(start).train(batches[:20])
-    muon_jax.save(tmp_path / "opt.safetensors", first.state, first.params, CONFIG,
+    uninterrupted = JaxRun(start, config).train(batches).weights()
+    first = JaxRun(start, config).train(batches[:20])
+    muon_jax.save(tmp_path / "opt.safetensors", first.state, first.params, config,
                   names=TO_TORCH)
-    second = TorchRun(first.weights())
+    second = TorchRun(first.weights(), config)
     muon_torch.load(tmp_path / "opt.safetensors", second.opt)
     _assert_same(second.train(batches[20:]).weights(), uninterrupted, start)
 
@@ -185,6 +201,24 @@ def test_another_model_or_routing_is_refused_naming_the_difference(tmp_path, cha
         muon_torch.load(path, other)
     assert message in str(err.value)
     assert dict(other.state) == before
+
+
+@pytest.mark.parametrize("saved, here", [("normuon", "none"), ("none", "adamuon"),
+                                         ("adamuon", "normuon")])
+def test_another_second_moment_is_refused_by_both_backends(tmp_path, saved, here):
+    path = tmp_path / "a.safetensors"
+    run = TorchRun(_initial_weights(), CONFIG.replace(second_moment=saved))
+    muon_torch.save(path, run.train(_batches()[:1]).opt)
+    message = f"parameter 'fc1.weight': second_moment is {saved} in the checkpoint, {here} here"
+    other = TorchRun(_initial_weights(), CONFIG.replace(second_moment=here)).train(_batches()[:1])
+    before = {p: {k: v.clone() for k, v in s.items()} for p, s in other.opt.state.items()}
+    with pytest.raises(ValueError, match=message):
+        muon_torch.load(path, other.opt)
+    for param, state in before.items():
+        assert all(torch.equal(v, other.opt.state[param][k]) for k, v in state.items())
+    jax_run = JaxRun(_initial_weights(), CONFIG.replace(second_moment=here))
+    with pytest.raises(ValueError, match=message):
+        muon_jax.load(path, jax_run.state, jax_run.params, jax_run.config, names=TO_TORCH)
 
 
 def test_another_format_version_is_refused(tmp_path):

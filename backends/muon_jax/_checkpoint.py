@@ -6,6 +6,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -19,6 +20,8 @@ from muon_jax._plan import flatten, plan_leaves
 BUFFERS = {"momentum_buffer": ("ScaleByMuonState", "momentum_buffer"),
            "exp_avg": ("ScaleByAdamState", "mu"), "exp_avg_sq": ("ScaleByAdamState", "nu")}
 COUNT = ("ScaleByAdamState", "count")
+# NorMuon/AdaMuon second moments: a dict, Muon leaf name -> array.
+SECOND_MOMENT = ("ScaleByMuonState", "second_moment")
 NUMPY_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
                 "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
                 "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
@@ -41,9 +44,24 @@ def _plan(params: Any, config: MuonConfig | None, layout: str,
     return {e.name: s for e, s in zip(plan, saved)}, saved
 
 
-def _to_stored(x: Any, perm: tuple[int, ...]) -> ckpt.Tensor:
-    array = np.ascontiguousarray(np.transpose(np.asarray(x), perm))
+def _to_stored(x: Any, entry: Any, layout: str) -> ckpt.Tensor:
+    """`x` (gathered whole from its devices) in the canonical layout, as bytes."""
+    array = np.asarray(jax.device_get(x))
+    array = np.ascontiguousarray(np.transpose(array, ckpt.stored_perm(entry, array.shape, layout)))
     return ckpt.Tensor(CODES[array.dtype], array.shape, array.tobytes())
+
+
+def _leaves(state: Any) -> dict[str, dict[str, Any]]:
+    """Checkpoint state key -> {leaf name: array} of the buffers `state` has."""
+    found = {}
+    for key, (owner, field) in BUFFERS.items():
+        tree = _field(state, owner, field)
+        if tree is not None:
+            found[key] = dict(zip(*flatten(tree)[:2]))
+    moments = _field(state, *SECOND_MOMENT)
+    if moments:
+        found["second_moment"] = dict(moments)
+    return found
 
 
 def save(path: str | os.PathLike, state: Any, params: Any, config: MuonConfig | None = None, *,
@@ -53,25 +71,22 @@ def save(path: str | os.PathLike, state: Any, params: Any, config: MuonConfig | 
 
     `config`, `layout` and `algorithms` are those `muon` was built with (they fix the plan);
     `names` maps leaf names to the names stored, e.g. `{"fc1.kernel": "fc1.weight"}` to
-    match a torch model. Stored: `momentum_buffer`, AdamW's `mu`/`nu` as `exp_avg`/
-    `exp_avg_sq`, and its `count` as each AdamW parameter's `step`.
+    match a torch model. Stored: `momentum_buffer`, NorMuon/AdaMuon's `second_moment`,
+    AdamW's `mu`/`nu` as `exp_avg`/`exp_avg_sq`, and its `count` as each AdamW parameter's
+    `step`. Arrays sharded over devices are gathered whole.
     """
     entries, plan = _plan(params, config, layout, algorithms, names)
     state_out: dict[str, dict[str, ckpt.Tensor]] = {}
-    for key, (owner, field) in BUFFERS.items():
-        tree = _field(state, owner, field)
-        if tree is None:
-            continue
-        for name, leaf in zip(*flatten(tree)[:2]):
+    for key, leaves in _leaves(state).items():
+        for name, leaf in leaves.items():
             entry = entries[name]
-            state_out.setdefault(entry.name, {})[key] = _to_stored(
-                leaf, ckpt.canonical_perm(entry, layout))
+            state_out.setdefault(entry.name, {})[key] = _to_stored(leaf, entry, layout)
     count = _field(state, *COUNT)
     steps = {}
     if count is not None:
-        for saved in state_out.values():
+        for name, saved in state_out.items():
             if "exp_avg" in saved:
-                saved["step"] = _to_stored(np.asarray(count, np.float32), ())
+                saved["step"] = ckpt.Tensor("F32", (), np.float32(count).tobytes())
         steps = {n: int(count) for n, s in state_out.items() if "step" in s}
     ckpt.save_checkpoint(path, plan, layout, state_out, steps)
 
@@ -87,26 +102,36 @@ def load(path: str | os.PathLike, state_template: Any, params: Any,
     """A copy of `state_template` (from `tx.init(params)`) holding the checkpoint's state.
 
     Arguments as in `save`. Refuses, naming the first difference, a checkpoint of another
-    format version, for other parameter names or shapes, or routed otherwise. Buffers take
-    the template's dtypes; parameters without stored state keep the template's (zero) state.
+    format version, for other parameter names or shapes, routed otherwise, or with another
+    second moment (one saved without `second_moment` into a state with one, or the reverse).
+    Buffers take the template's dtypes and shardings; parameters without stored state keep
+    the template's (zero) state.
     """
     checkpoint = ckpt.read_checkpoint(path)
     entries, plan = _plan(params, config, layout, algorithms, names)
     ckpt.check_matches(checkpoint, plan, layout, path)
+
+    def restored(name: str, key: str, leaf: Any) -> Any:
+        entry = entries[name]
+        stored = checkpoint.state(entry.name).get(key)
+        if stored is None:
+            return leaf
+        value = _from_stored(stored)
+        value = np.transpose(value, ckpt.loaded_perm(entry, value.shape, layout))
+        return jax.device_put(value.astype(leaf.dtype), leaf.sharding)
+
     changes = []
     for key, (owner, field) in BUFFERS.items():
         tree = _field(state_template, owner, field)
         if tree is None:
             continue
         leaf_names, leaves, treedef = flatten(tree)
-        new = []
-        for name, leaf in zip(leaf_names, leaves):
-            entry = entries[name]
-            stored = checkpoint.state(entry.name).get(key)
-            new.append(leaf if stored is None else jnp.asarray(np.transpose(
-                _from_stored(stored), ckpt.inverse(ckpt.canonical_perm(entry, layout))),
-                dtype=leaf.dtype))
-        changes.append((owner, field, treedef.unflatten(new)))
+        changes.append((owner, field, treedef.unflatten(
+            [restored(name, key, leaf) for name, leaf in zip(leaf_names, leaves)])))
+    moments = _field(state_template, *SECOND_MOMENT)
+    if moments:
+        changes.append((*SECOND_MOMENT, {name: restored(name, "second_moment", leaf)
+                                         for name, leaf in moments.items()}))
     count = _field(state_template, *COUNT)
     if count is not None:
         adamw = [r["name"] for r in checkpoint.plan if r["algorithm"] == "adamw"]

@@ -38,6 +38,19 @@ def ns_dtype(name: str) -> Any:
     return resolve_dtype(name, jnp, facts=device_facts() if name == "auto" else None)
 
 
+def _normalised(wide: jax.Array, schedule: NSSchedule, eps: float) -> jax.Array:
+    """`wide / max(norm_scale * ||wide||_F, eps)` per matrix. Both sides are first scaled by
+    `2^-k`, `k >= 0` the binary exponent of the largest `|entry|` (at most that of the
+    smallest normal number: XLA flushes subnormals to zero): exact, so no bit of the result
+    changes, but the squares cannot overflow for entries up to the dtype's largest."""
+    biggest = jnp.max(jnp.abs(wide), axis=(-2, -1), keepdims=True)
+    exponent = jnp.clip(jnp.frexp(biggest)[1], 0, -jnp.finfo(wide.dtype).minexp)
+    power = jnp.ldexp(jnp.ones_like(biggest), -exponent)
+    scaled = wide * power
+    norm = jnp.sqrt(jnp.sum(scaled * scaled, axis=(-2, -1), keepdims=True)) * schedule.norm_scale
+    return scaled / jnp.maximum(norm, eps * power)
+
+
 def _newton_schulz(x: jax.Array, schedule: NSSchedule, eps: float) -> jax.Array:
     """Orthogonalize a batch `(..., m, n)` with m <= n in `x.dtype`.
 
@@ -51,9 +64,7 @@ def _newton_schulz(x: jax.Array, schedule: NSSchedule, eps: float) -> jax.Array:
     def matmul(p: jax.Array, q: jax.Array) -> jax.Array:
         return jnp.matmul(p, q, precision=precision, preferred_element_type=acc)
 
-    wide = x.astype(acc)
-    norm = jnp.sqrt(jnp.sum(wide * wide, axis=(-2, -1), keepdims=True)) * schedule.norm_scale
-    x = (wide / jnp.maximum(norm, eps)).astype(x.dtype)
+    x = _normalised(x.astype(acc), schedule, eps).astype(x.dtype)
     if uses_gram(schedule, x.shape[-2], x.shape[-1], x.dtype == jnp.bfloat16):
         return matmul(_gram_iterations(matmul(x, x.mT), schedule).astype(x.dtype), x).astype(
             x.dtype)

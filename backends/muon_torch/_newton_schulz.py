@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import muon_core
 import torch
 from muon_core import DeviceFacts, NSSchedule
@@ -59,11 +61,25 @@ def frobenius_norm(x: torch.Tensor) -> torch.Tensor:
     return rows.square().sum(dim=-2, keepdim=True).sqrt().to(x.dtype)
 
 
+def _power_of_two_scale(x: torch.Tensor) -> torch.Tensor:
+    """`2^-k` per matrix (kept as size-1 axes), `k >= 0` the binary exponent of the largest
+    `|entry|` (1 when entries are < 1), at most that of the smallest normal number, so that
+    devices flushing subnormals to zero keep it: `x` times it is exact, and its squares
+    cannot overflow."""
+    biggest = x.abs().amax(dim=(-2, -1), keepdim=True)
+    largest_k = round(-math.log2(torch.finfo(x.dtype).smallest_normal))
+    exponent = torch.frexp(biggest).exponent.clamp(0, largest_k)
+    return torch.ldexp(torch.ones_like(biggest), -exponent)
+
+
 def _normalised(x: torch.Tensor, schedule: NSSchedule, eps: float) -> torch.Tensor:
     """`x / max(norm_scale * ||x||_F, eps)` per matrix, as a new row-major tensor (which torch's
-    GEMMs prefer even when `x` is a transposed view)."""
-    scale = (frobenius_norm(x) * schedule.norm_scale).clamp_min(eps)
-    return torch.div(x, scale, out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
+    GEMMs prefer even when `x` is a transposed view). Both sides are first scaled by a power of
+    two (`_power_of_two_scale`), which changes no bit of the result but keeps the norm finite
+    for entries up to the dtype's largest."""
+    power = _power_of_two_scale(x)
+    scaled = torch.mul(x, power, out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
+    return scaled.div_(torch.maximum(frobenius_norm(scaled) * schedule.norm_scale, eps * power))
 
 
 def _iterate_gram(x: torch.Tensor, schedule: NSSchedule, eps: float, out: torch.Tensor) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
 import os
 import pickle
 import subprocess
@@ -256,7 +257,8 @@ def run_torch_workers(payload: Mapping[str, Any], world_size: int,
     a list with one dict per rank), "config" (or "configs", one per rank), optional "shard",
     "shard_adamw", "group_ranks" (a subgroup instead of the world), "resume" and "checkpoint"
     (torch.distributed.checkpoint folders to load the optimizer state from before the steps,
-    and to save it to after them)."""
+    and to save it to after them), "portable_resume" and "portable_checkpoint" (the same with
+    portable checkpoint files, `muon_torch.load`/`save`)."""
     with tempfile.TemporaryDirectory() as folder:
         inputs = Path(folder, "inputs.pkl")
         inputs.write_bytes(pickle.dumps({**payload, "world_size": world_size,
@@ -311,6 +313,8 @@ def torch_distributed_run(inputs: str, outputs: str, rank: int) -> None:
                              shard=data.get("shard"), shard_adamw=data.get("shard_adamw", True))
             if "resume" in data:
                 _load_checkpoint(opt, data["resume"])
+            if "portable_resume" in data:
+                importlib.import_module("muon_torch").load(data["portable_resume"], opt)
             for grads in data["grads"]:
                 grads = grads[rank] if isinstance(grads, list) else grads
                 for name, param in named.items():
@@ -321,6 +325,8 @@ def torch_distributed_run(inputs: str, outputs: str, rank: int) -> None:
                 import torch.distributed.checkpoint as dcp
 
                 dcp.save(opt.state_dict(), checkpoint_id=data["checkpoint"])
+            if "portable_checkpoint" in data:
+                importlib.import_module("muon_torch").save(data["portable_checkpoint"], opt)
         except (ValueError, FloatingPointError) as exc:
             Path(outputs).write_bytes(pickle.dumps({"error": f"{type(exc).__name__}: {exc}"}))
             return

@@ -1,0 +1,154 @@
+"""Portable checkpoints of sharded optimizers: torch `Muon(process_group=...)` on 2 gloo
+processes gathers to a whole file and loads one, and JAX states sharded over a forced 2-device
+mesh save and load whole.
+
+The torch runs pass single process -> 2 ranks -> single process through portable files and
+must end where one process ends without interruption; every rank gets the same gradient, so
+the group's average is that gradient exactly.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from muon_conformance.adapters import run_torch_workers  # noqa: E402
+from muon_core import MuonConfig, read_checkpoint  # noqa: E402
+from muon_torch import Muon, load, save  # noqa: E402
+from test_torch_distributed import GQA, SHAPES  # noqa: E402
+
+STEPS = 15  # 5 in one process, 5 on two ranks, 5 in one process again
+
+
+def _inputs():
+    rng = np.random.default_rng(3)
+    params = {n: rng.standard_normal(s).astype(np.float32) for n, s in SHAPES.items()}
+    grads = [{n: rng.standard_normal(s).astype(np.float32) for n, s in SHAPES.items()}
+             for _ in range(STEPS)]
+    return params, grads
+
+
+def _single_process(params, grads, config, resume=None, saves=None):
+    """`Muon` in this process: load `resume`, step, saving after step i to `saves[i]`."""
+    named = {n: torch.nn.Parameter(torch.tensor(p)) for n, p in params.items()}
+    opt = Muon(list(named.items()), config)
+    if resume is not None:
+        load(resume, opt)
+    for i, step_grads in enumerate(grads, start=1):
+        for name, param in named.items():
+            param.grad = torch.tensor(step_grads[name])
+        opt.step()
+        if saves and i in saves:
+            save(saves[i], opt)
+    return {n: p.detach().numpy().copy() for n, p in named.items()}
+
+
+def _assert_close(got, expected, what):
+    for name in SHAPES:
+        error = np.max(np.abs(got[name] - expected[name])) / np.max(np.abs(expected[name]))
+        assert error <= 1e-6, f"{what} {name}: relative error {error:.2e}"
+
+
+def _assert_same_content(path, reference):
+    """Same metadata, tensor names, dtypes and shapes; values to float32 rounding."""
+    ours, theirs = read_checkpoint(path), read_checkpoint(reference)
+    assert (ours.config, ours.plan, ours.steps, ours.layout) == (
+        theirs.config, theirs.plan, theirs.steps, theirs.layout)
+    assert list(ours.tensors) == list(theirs.tensors)
+    for name, tensor in ours.tensors.items():
+        other = theirs.tensors[name]
+        assert (tensor.dtype, tensor.shape) == (other.dtype, other.shape), name
+        a, b = (np.frombuffer(t.data, np.float32) for t in (tensor, other))
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * np.abs(b).max(), err_msg=name)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("shard, second_moment", [("layerwise", "normuon"), ("zero1", "none")])
+def test_sharded_torch_saves_and_loads_whole_files(tmp_path, shard, second_moment):
+    config = MuonConfig(ns_dtype="float32", rules=(GQA,), second_moment=second_moment)
+    params, grads = _inputs()
+    files = {i: str(tmp_path / f"{name}.safetensors") for i, name in
+             ((5, "single5"), (10, "single10"))}
+    uninterrupted = _single_process(params, grads, config, saves=files)
+    after5 = _single_process(params, grads[:5], config)
+    sharded = str(tmp_path / "sharded10.safetensors")
+    outputs = run_torch_workers({"params": after5, "grads": grads[5:10],
+                                 "config": config.to_dict(), "shard": shard,
+                                 "portable_resume": files[5], "portable_checkpoint": sharded}, 2)
+    assert all("error" not in out for out in outputs), outputs
+    _assert_same_content(sharded, files[10])
+    resumed = _single_process(outputs[0]["params"], grads[10:], config, resume=sharded)
+    _assert_close(resumed, uninterrupted, f"{shard}: 1 -> 2 ranks -> 1")
+
+
+@pytest.mark.torch
+def test_sharded_load_refusal_raises_on_every_rank(tmp_path):
+    config = MuonConfig(ns_dtype="float32", rules=(GQA,))
+    params, grads = _inputs()
+    path = str(tmp_path / "a.safetensors")
+    _single_process(params, grads[:1], config.replace(second_moment="normuon"), saves={1: path})
+    outputs = run_torch_workers({"params": params, "grads": grads[:1], "config": config.to_dict(),
+                                 "shard": "layerwise", "portable_resume": path}, 2)
+    for out in outputs:
+        assert "second_moment is normuon in the checkpoint, none here" in out["error"]
+
+
+JAX_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax, jax.numpy as jnp, numpy as np, optax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    import muon_jax
+    from muon_core import MuonConfig
+
+    mesh = jax.make_mesh((2,), ("data",))
+    rng = np.random.default_rng(0)
+    shapes = {"a": (8, 6), "b": (6, 4), "bias": (4,)}
+    place = {n: NamedSharding(mesh, P() if n == "bias" else P("data")) for n in shapes}
+    report = {"devices": jax.device_count()}
+    for mode, second_moment in (("owner", "none"), ("replicated", "normuon")):
+        config = MuonConfig(ns_dtype="float32", second_moment=second_moment)
+        params = {n: jax.device_put(jnp.asarray(rng.standard_normal(s), jnp.float32), place[n])
+                  for n, s in shapes.items()}
+        tx = muon_jax.muon(config, mesh=mesh, sharded_ns=mode)
+        state = tx.init(params)
+        grads = {n: jax.device_put(jnp.asarray(rng.standard_normal(s), jnp.float32), place[n])
+                 for n, s in shapes.items()}
+        updates, state = jax.jit(tx.update)(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        path = f"{sys.argv[1]}-{mode}.safetensors"
+        muon_jax.save(path, state, params, config)
+        template = tx.init(params)
+        loaded = muon_jax.load(path, template, params, config)
+        equal = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
+                             loaded.inner_state,
+                             state.inner_state)
+        placed = jax.tree.map(lambda a, b: a.sharding == b.sharding, loaded.inner_state,
+                              template.inner_state)
+        report[mode] = {"equal": all(jax.tree.leaves(equal)),
+                        "placed": all(jax.tree.leaves(placed)),
+                        "sharded": template.momentum_buffer["a"].sharding.spec[0] == "data"}
+    print(json.dumps(report))
+""")
+
+
+@pytest.mark.jax
+def test_jax_state_sharded_over_two_devices_saves_whole_and_loads_sharded(tmp_path):
+    pytest.importorskip("jax")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-c", JAX_SCRIPT, str(tmp_path / "jax")], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    sharded = {"equal": True, "placed": True, "sharded": True}
+    assert report == {"devices": 2, "owner": sharded, "replicated": sharded}, report
+    for mode in ("owner", "replicated"):  # whole tensors, in the canonical (out, in) layout
+        stored = read_checkpoint(tmp_path / f"jax-{mode}.safetensors")
+        assert stored.tensors["a/momentum_buffer"].shape == (6, 8)
+    assert stored.tensors["a/second_moment"].shape == (1, 6)
