@@ -77,7 +77,6 @@ def loss_of(model: TinyGPT, x: np.ndarray, y: np.ndarray, qk_max: dict) -> torch
     return F.cross_entropy(logits.flatten(0, 1), torch.from_numpy(y).flatten())
 
 
-CLIPS = ("none", "step", "after")
 ROUNDING = 1e-5  # float32: gamma ** alpha * gamma ** (1 - alpha) * S may land just above tau
 
 
@@ -166,7 +165,10 @@ def main() -> None:
     if args.plot:
         plot(runs, args.tau, args.lr, args.plot)
         print(f"wrote {args.plot}")
-    peak = max(runs[labels["after"]]["after_step"])
+    after = runs[labels["after"]]
+    print(f"{labels['after']}: the forward pass of step t+1 over the weights handed back at step "
+          f"t, on their own batch: {next_batch_spread(after)}")
+    peak = max(after["after_step"])
     if peak > args.tau * (1 + ROUNDING):
         sys.exit(f"the weights handed back reached a logit of {peak:.4f} > tau = {args.tau:g}")
 
@@ -178,6 +180,14 @@ def summary(curve: list, tau: float) -> str:
     return (f"peak {max(curve):.2f}, median of steps {half}-{len(curve) - 1} "
             f"{np.median(curve[half:]):.2f}, last {curve[-1]:.2f}, above tau in "
             f"{sum(s > tau * (1 + ROUNDING) for s in curve)} of {len(curve)} steps")
+
+
+def next_batch_spread(run: dict) -> str:
+    """Median, 95th percentile and largest ratio of each step's forward-pass logit to the
+    previous step's handed-back one: the same weights, on the next batch."""
+    ratio = np.array(run["max_logit"][1:]) / np.array(run["after_step"][:-1])
+    median, p95 = np.percentile(ratio, [50, 95])
+    return f"median {median:.2f}, 95th percentile {p95:.2f}, largest {ratio.max():.2f} times"
 
 
 def plot(runs: dict, tau: float, lr: float, path: str) -> None:
