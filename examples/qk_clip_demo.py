@@ -1,12 +1,14 @@
 """QK-clip demonstration: a small character transformer trained with Muon at a learning rate
 high enough that its attention logits keep growing, with and without QK-clip.
 
-Both runs start from the same weights and see the same batches. Each step records the largest
-pre-softmax logit of every head (`muon_torch.record_qk_max`); with QK-clip the optimizer then
-scales down the query and key weights of the heads above tau (`Muon.qk_clip`). After the step
-(and the clip) one more forward pass on the same batch measures the largest logit of the new
-weights. Prints the largest logit and the loss of both runs and plots the largest logit per
-step.
+Three runs start from the same weights and see the same batches: plain Muon; QK-clip with the
+largest logits of the step's forward pass (`muon_torch.record_qk_max`), applied to the updated
+weights (`Muon.qk_clip`); and QK-clip with the largest logits measured again on the updated
+weights, on the step's batch, one layer at a time (`clip_after_update`). Each step records the
+largest logit of the forward pass, and the largest logit of the weights the step hands back
+(after the update and the clip) on the step's batch. Prints both and the losses, plots them,
+and exits with an error unless the last run's handed-back weights keep every logit of their
+batch at or below tau.
 
     python examples/qk_clip_demo.py [--steps 200] [--lr 0.1] [--tau 30] [--plot FILE]
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import numpy as np
@@ -74,8 +77,13 @@ def loss_of(model: TinyGPT, x: np.ndarray, y: np.ndarray, qk_max: dict) -> torch
     return F.cross_entropy(logits.flatten(0, 1), torch.from_numpy(y).flatten())
 
 
-def train(config: MuonConfig, steps: int, seed: int = 0) -> dict:
-    """Train from seeded weights on seeded batches; return per-step max logit and loss, and
+ROUNDING = 1e-5  # float32: gamma ** alpha * gamma ** (1 - alpha) * S may land just above tau
+
+
+def train(config: MuonConfig, steps: int, clip: str = "none", seed: int = 0) -> dict:
+    """Train from seeded weights on seeded batches with QK-clip `clip` ("none"; "step": the
+    forward pass's logits; "after": `clip_after_update`). Returns the per-step largest logit
+    of the forward pass and of the weights handed back (on the step's batch), the loss, and
     the held-out loss at the end."""
     torch.manual_seed(seed)
     ids = encode_chars(python_source_text())
@@ -93,8 +101,10 @@ def train(config: MuonConfig, steps: int, seed: int = 0) -> dict:
         opt.step()
         max_logit.append(max(float(s.max()) for s in qk_max.values()))
         losses.append(loss.item())
-        if config.qk_clip is not None:
+        if clip == "step":
             opt.qk_clip(qk_max)
+        elif clip == "after":
+            clip_after_update(model, opt, batch, list(qk_max))
         after_step.append(largest_logit(model, batch))
     eval_rng = np.random.default_rng(1234)
     with torch.no_grad():
@@ -105,12 +115,26 @@ def train(config: MuonConfig, steps: int, seed: int = 0) -> dict:
             "held_out_loss": held_out}
 
 
-def largest_logit(model: TinyGPT, batch: tuple) -> float:
-    """The largest logit of one fresh forward pass on `batch` with the current weights."""
+def logits_of(model: TinyGPT, batch: tuple) -> dict:
+    """Each layer's largest logit per head in one fresh forward pass on `batch`."""
     qk_max: dict = {}
     with torch.no_grad():
         loss_of(model, *batch, qk_max)
-    return max(float(s.max()) for s in qk_max.values())
+    return qk_max
+
+
+def largest_logit(model: TinyGPT, batch: tuple) -> float:
+    """The largest logit of one fresh forward pass on `batch` with the current weights."""
+    return max(float(s.max()) for s in logits_of(model, batch).values())
+
+
+def clip_after_update(model: TinyGPT, opt: Muon, batch: tuple, layers: list[str]) -> None:
+    """QK-clip with the logits of the updated weights on `batch`, layer by layer in forward
+    order. Clipping a layer changes the inputs of the layers after it, never its own, so
+    afterwards every head's largest logit on `batch` is at most tau (one forward pass per
+    layer, without gradient)."""
+    for layer in layers:
+        opt.qk_clip({layer: logits_of(model, batch)[layer]})
 
 
 def main() -> None:
@@ -124,24 +148,46 @@ def main() -> None:
     torch.set_num_threads(1)
     base = MuonConfig(lr=args.lr, weight_decay=0.0, ns_dtype="float32",
                       adamw={"lr": 3e-3, "weight_decay": 0.0})
+    clipped = base.replace(qk_clip={"threshold": args.tau, "alpha": 0.5})
+    labels = {"none": "Muon", "step": "QK-clip, forward-pass logits",
+              "after": "QK-clip, logits re-measured after the update"}
     runs = {}
-    for label, config in (("Muon", base),
-                          (f"Muon + QK-clip (tau={args.tau:g})",
-                           base.replace(qk_clip={"threshold": args.tau, "alpha": 0.5}))):
+    for clip, label in labels.items():
         start = time.perf_counter()
-        runs[label] = train(config, args.steps)
-        r = runs[label]
-        print(f"{label:28s} max logit: peak {max(r['max_logit']):8.2f}, last "
-              f"{r['max_logit'][-1]:8.2f}, after step+clip peak {max(r['after_step']):8.2f} "
-              f"median {np.median(r['after_step'][50:]):8.2f} | train loss (last 20 steps) "
-              f"{np.mean(r['loss'][-20:]):.4f} | held-out loss {r['held_out_loss']:.4f} "
-              f"({time.perf_counter() - start:.0f} s)")
+        r = runs[label] = train(base if clip == "none" else clipped, args.steps, clip)
+        print(f"{label} ({time.perf_counter() - start:.0f} s)\n  largest logit, forward pass: "
+              f"{summary(r['max_logit'], args.tau)}\n  largest logit, weights handed back: "
+              f"{summary(r['after_step'], args.tau)}\n  train loss (last 20 steps) "
+              f"{np.mean(r['loss'][-20:]):.4f}, held-out loss {r['held_out_loss']:.4f}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(runs, f)
     if args.plot:
         plot(runs, args.tau, args.lr, args.plot)
         print(f"wrote {args.plot}")
+    after = runs[labels["after"]]
+    print(f"{labels['after']}: the forward pass of step t+1 over the weights handed back at step "
+          f"t, on their own batch: {next_batch_spread(after)}")
+    peak = max(after["after_step"])
+    if peak > args.tau * (1 + ROUNDING):
+        sys.exit(f"the weights handed back reached a logit of {peak:.4f} > tau = {args.tau:g}")
+
+
+def summary(curve: list, tau: float) -> str:
+    """Peak, median over the second half, last value, and steps above tau (beyond float32
+    rounding) of a curve."""
+    half = len(curve) // 2
+    return (f"peak {max(curve):.2f}, median of steps {half}-{len(curve) - 1} "
+            f"{np.median(curve[half:]):.2f}, last {curve[-1]:.2f}, above tau in "
+            f"{sum(s > tau * (1 + ROUNDING) for s in curve)} of {len(curve)} steps")
+
+
+def next_batch_spread(run: dict) -> str:
+    """Median, 95th percentile and largest ratio of each step's forward-pass logit to the
+    previous step's handed-back one: the same weights, on the next batch."""
+    ratio = np.array(run["max_logit"][1:]) / np.array(run["after_step"][:-1])
+    median, p95 = np.percentile(ratio, [50, 95])
+    return f"median {median:.2f}, 95th percentile {p95:.2f}, largest {ratio.max():.2f} times"
 
 
 def plot(runs: dict, tau: float, lr: float, path: str) -> None:
@@ -153,10 +199,10 @@ def plot(runs: dict, tau: float, lr: float, path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for label, run in runs.items():
-        line, = ax.plot(run["max_logit"], label=f"{label}: recorded in the forward pass")
+        line, = ax.plot(run["max_logit"], linewidth=1, label=f"{label}: forward pass")
         if "QK-clip" in label:
             ax.plot(run["after_step"], color=line.get_color(), linestyle=":",
-                    label=f"{label}: same batch after the step and clip")
+                    label=f"{label}: weights handed back, step's batch")
     ax.axhline(tau, color="grey", linestyle="--", linewidth=1, label=f"tau = {tau:g}")
     ax.set(xlabel="step", ylabel="largest attention logit", yscale="log",
            title=f"2-layer char transformer, Muon lr={lr:g}, no weight decay")

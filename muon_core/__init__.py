@@ -7,7 +7,6 @@ on any Array API array, and the reference step every backend is checked against.
 from muon_core._adaptive import (
     adamuon,
     apply_second_moment,
-    decayed_param,
     init_second_moment,
     normuon,
     second_moment_shape,
@@ -26,6 +25,7 @@ from muon_core._registry import available_backends, load_backend
 from muon_core._reference import (
     check_gradients,
     decay_factor,
+    decayed_param,
     from_matrices,
     init_state,
     momentum_coefficients,

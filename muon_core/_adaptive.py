@@ -1,5 +1,6 @@
-"""Adaptive Muon: second moments of the orthogonalized update (NorMuon, AdaMuon) and cautious
-weight decay, as pure functions on Array API arrays (the reference every backend follows).
+"""Adaptive Muon: second moments of the orthogonalized update (NorMuon, AdaMuon), as pure
+functions on Array API arrays (the reference every backend follows; cautious weight decay is
+`decayed_param` beside `decay_factor` in the reference step).
 
 The second moment acts on each block of the matrix view after Newton-Schulz and before the
 block's LR scale; each matrix of a block keeps its Frobenius norm, so `lr` and `lr_scaling`
@@ -109,15 +110,4 @@ def apply_second_moment(matrices: Any, state: dict[str, Any], entry: ParamPlan,
     if config.second_moment == "adamuon":
         new_v = from_matrices(new_v, entry, xp=xp)
     return xp.concat(pieces, axis=1), {STATE_KEY: new_v}
-
-
-def decayed_param(param: Any, update: Any, config: MuonConfig) -> Any:
-    """The parameter after decoupled weight decay `p (1 - lr wd)`; with
-    `cautious_weight_decay`, only where the update (the descent direction, subtracted) and
-    the parameter agree in sign: `u * p >= 0`."""
-    factor = 1.0 - config.lr * config.weight_decay
-    if not config.cautious_weight_decay:
-        return param * factor
-    xp = array_namespace(param)
-    return xp.where(update * param >= 0, param * factor, param)
 

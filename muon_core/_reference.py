@@ -12,7 +12,7 @@ from typing import Any
 
 from array_api_compat import array_namespace
 
-from muon_core._adaptive import apply_second_moment, decayed_param, init_second_moment
+from muon_core._adaptive import apply_second_moment, init_second_moment
 from muon_core._config import MOMENTUM_KINDS, NONFINITE_POLICIES, MuonConfig
 from muon_core._ns import _newton_schulz, ns_schedule, resolve_dtype
 from muon_core._plan import ParamPlan, Plan, plan as make_plan
@@ -96,6 +96,17 @@ def momentum_update(grad: Any, buf: Any, beta: Any, kind: str,
 def decay_factor(lr: Any, weight_decay: Any) -> Any:
     """The decoupled weight decay's factor: `p <- p * (1 - lr * wd)` before the step."""
     return 1.0 - lr * weight_decay
+
+
+def decayed_param(param: Any, update: Any, config: MuonConfig) -> Any:
+    """The parameter after decoupled weight decay `p * decay_factor(lr, wd)`; with
+    `cautious_weight_decay`, only where the update (the descent direction, subtracted) and
+    the parameter agree in sign: `u * p >= 0`."""
+    decayed = param * decay_factor(config.lr, config.weight_decay)
+    if not config.cautious_weight_decay:
+        return decayed
+    xp = array_namespace(param)
+    return xp.where(update * param >= 0, decayed, param)
 
 
 def step_allowed(bad: Sequence[str], shapes: Mapping[str, Any], policy: str) -> bool:

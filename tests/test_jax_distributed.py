@@ -39,8 +39,32 @@ def test_owner_mode_matches_unsharded_on_two_devices():
         assert f"{case}: 3 steps match" in out, out
     assert "wrappers Explicit replicated: 4 steps match" in out, out
     assert "non-finite raised" in out, out
-    assert "blockwise matches" in out, out
+    assert "blockwise matches over 1 steps" in out, out
     assert "work divided on 2 devices" in out, out
+
+
+ADAPTIVE = [(m, a, k) for m in ("normuon", "adamuon")
+            for a, k in (("Explicit", "fsdp"), ("Auto", "fsdp"), ("Explicit", "replicated"))]
+
+
+def _check_second_moments(cases, blockwise):
+    out = _run(2, *(f"adaptive:{a}:{k}:{m}:3" for m, a, k in cases),
+               *(f"blockwise:{m}:3" for m in blockwise))
+    for method, axis_type, kind in cases:
+        assert f"{method} {axis_type} {kind}: 3 steps match" in out, out
+    for method in blockwise:
+        assert f"blockwise {method} matches over 3 steps" in out, out
+
+
+def test_second_moments_in_sharded_modes_on_two_devices():
+    """NorMuon and AdaMuon (with cautious decay): the owner mode equals the unsharded run, the
+    blockwise mode the float64 reference of its definition, parameters and state alike."""
+    _check_second_moments(ADAPTIVE[::2], ("normuon",))
+
+
+@pytest.mark.slow
+def test_second_moments_in_sharded_modes_every_layout():
+    _check_second_moments(ADAPTIVE[1::2], ("adamuon",))
 
 
 @pytest.mark.slow
@@ -81,8 +105,8 @@ def _setup(axis_type: str, kind: str):
 def _config(**overrides):
     from muon_core import MuonConfig, Rule
 
-    return MuonConfig(lr=0.02, weight_decay=0.01, ns_dtype="float32",
-                      rules=(Rule("layers", out_axes=(2,), in_axes=(1,)),), **overrides)
+    return MuonConfig(**{"lr": 0.02, "weight_decay": 0.01, "ns_dtype": "float32",
+                         "rules": (Rule("layers", out_axes=(2,), in_axes=(1,)),), **overrides})
 
 
 def _trajectory(tx, params, grads, place):
@@ -159,6 +183,29 @@ def check_equal(axis_type: str, kind: str, steps: str) -> None:
     print(f"{axis_type} {kind}: {steps} steps match")
 
 
+def check_adaptive(axis_type: str, kind: str, method: str, steps: str) -> None:
+    """`second_moment=method` with cautious weight decay, owner mode vs one device."""
+    import numpy as np
+
+    import muon_jax
+
+    mesh, place, params, rng = _setup(axis_type, kind)
+    grads = _grads(rng, int(steps))
+    config = _config(second_moment=method, cautious_weight_decay=True, weight_decay=0.5)
+    plain, plain_state, _ = _trajectory(muon_jax.muon(config), params, grads, lambda t: t)
+    tx = muon_jax.muon(config, mesh=mesh, axis="data")
+    sharded, state, first = _trajectory(tx, params, grads, place)
+    label = f"{axis_type} {kind}"
+    _compare(label, sharded, plain, state, first,
+             {k: v.sharding for k, v in place(params).items()})
+    expected = plain_state.second_moment
+    assert set(state.second_moment) == set(expected) and expected, (label, state.second_moment)
+    for name, v in expected.items():
+        np.testing.assert_allclose(state.second_moment[name], v, rtol=1e-5, atol=1e-7,
+                                   err_msg=f"{label}: second moment of {name}")
+    print(f"{method} {label}: {steps} steps match")
+
+
 def check_wrappers(axis_type: str, kind: str, steps: str) -> None:
     """optax.inject_hyperparams (a learning-rate schedule) inside optax.MultiSteps."""
     import optax
@@ -202,10 +249,11 @@ def check_nonfinite() -> None:
         print("non-finite raised")
 
 
-def check_blockwise() -> None:
-    """One step of scale_by_muon(sharded_ns="blockwise") on FSDP-sharded leaves: each block of
+def check_blockwise(second_moment: str = "none", steps: str = "1") -> None:
+    """Steps of scale_by_muon(sharded_ns="blockwise") on FSDP-sharded leaves: each block of
     the matrix view cut into n equal pieces along the axis its leaf is sharded on, every piece
-    orthogonalized alone (float64 muon_core.orthogonalize of the pieces, computed here)."""
+    orthogonalized alone, then the second moment on each whole block (float64: momentum,
+    muon_core.orthogonalize of the pieces and muon_core.apply_second_moment, computed here)."""
     import jax
     import numpy as np
 
@@ -214,25 +262,39 @@ def check_blockwise() -> None:
 
     n = jax.device_count()
     mesh, place, params, rng = _setup("Explicit", "fsdp")
-    config = _config()
-    grads = _grads(rng, 1)[0]
+    config = _config(second_moment=second_moment)
     tx = muon_jax.scale_by_muon(config, mesh=mesh, axis="data", sharded_ns="blockwise")
-    updates, _ = jax.jit(tx.update)(place(grads), tx.init(place(params)))
-    # FSDP shards each leaf's first dimension n divides (see _setup); in flax layout that is
-    # an input dimension (the matrix view's columns) for the 2-D and conv leaves, and the
-    # stacking dimension of "layers", whose matrices each device then holds whole.
-    for entry in muon_jax.plan_for(params, config).muon:
-        view = muon_core.to_matrices(np.asarray(grads[entry.name], np.float64), entry)
-        pieces = 1 if entry.name == "layers" else n
-        blocks = []
-        for start, rows, scale in zip(entry.block_offsets, entry.blocks, entry.lr_scales):
-            block = view[:, start:start + rows]
-            cut = np.split(block, pieces, axis=2)
-            blocks.append(scale * np.concatenate(
-                [muon_core.orthogonalize(c, config.ns_steps) for c in cut], axis=2))
-        expected = muon_core.from_matrices(np.concatenate(blocks, axis=1), entry)
-        np.testing.assert_allclose(updates[entry.name], expected, atol=2e-5, err_msg=entry.name)
-    print("blockwise matches")
+    step, state = jax.jit(tx.update), tx.init(place(params))
+    entries = muon_jax.plan_for(params, config).muon
+    reference = {e.name: {"momentum_buffer": np.zeros(e.shape)} for e in entries}
+    for grads in _grads(rng, int(steps)):
+        updates, state = step(place(grads), state)
+        # FSDP shards each leaf's first dimension n divides (see _setup); in flax layout that
+        # is an input dimension (the matrix view's columns) for the 2-D and conv leaves, and
+        # the stacking dimension of "layers", whose matrices each device then holds whole.
+        for entry in entries:
+            st = reference[entry.name]
+            direction, st["momentum_buffer"] = muon_core.momentum_update(
+                np.asarray(grads[entry.name], np.float64), st["momentum_buffer"],
+                config.momentum, config.momentum_kind, config.nesterov)
+            view = muon_core.to_matrices(direction, entry)
+            pieces = 1 if entry.name == "layers" else n
+            blocks = [np.concatenate([muon_core.orthogonalize(c, config.ns_steps) for c in
+                                      np.split(view[:, start:start + rows], pieces, axis=2)],
+                                     axis=2)
+                      for start, rows in zip(entry.block_offsets, entry.blocks)]
+            adapted, moments = muon_core.apply_second_moment(np.concatenate(blocks, axis=1), st,
+                                                             entry, config)
+            st.update(moments)
+            np.testing.assert_allclose(updates[entry.name],
+                                       muon_core.scaled_update(adapted, entry), atol=2e-5,
+                                       err_msg=entry.name)
+    for name, st in reference.items():
+        if second_moment != "none":
+            np.testing.assert_allclose(state.second_moment[name], st["second_moment"],
+                                       rtol=1e-4, atol=1e-7, err_msg=name)
+    label = "" if second_moment == "none" else f" {second_moment}"
+    print(f"blockwise{label} matches over {steps} steps")
 
 
 def check_divided() -> None:

@@ -140,11 +140,13 @@ def test_demo_caps_what_plain_muon_lets_grow(tmp_path):
     demo = Path(__file__).resolve().parents[1] / "examples" / "qk_clip_demo.py"
     curves, plot = tmp_path / "curves.json", tmp_path / "qk.png"
     done = subprocess.run([sys.executable, str(demo), "--steps", "80", "--json", str(curves),
-                           "--plot", str(plot)], capture_output=True, text=True, timeout=600)
+                           "--plot", str(plot)], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
-    plain, clipped = json.loads(curves.read_text()).values()
-    # tau = 30: plain Muon passes 2 tau within 80 steps; the clipped run stays near tau (each
-    # step's update adds to logits the previous clip left at tau, about 10 % at this lr).
+    plain, step_clip, after_clip = json.loads(curves.read_text()).values()
+    # tau = 30: plain Muon passes 2 tau within 80 steps; clipping with the logits measured
+    # again after the update hands back weights whose logits on the step's batch are at most
+    # tau (up to float32 rounding), which the demo itself also checks.
     assert max(plain["max_logit"]) > 60.0
-    assert max(clipped["max_logit"]) < 45.0
+    assert max(after_clip["after_step"]) <= 30.0 * (1 + 1e-5)
+    assert max(step_clip["max_logit"]) < 45.0
     assert plot.stat().st_size > 0

@@ -46,16 +46,40 @@ def _keep_norm(scaled: jax.Array, update: jax.Array) -> jax.Array:
     return scaled * jnp.where(new_norm > 0, norm / safe, 0.0)
 
 
-def _adapt(block: jax.Array, v: jax.Array, config: MuonConfig) -> tuple[jax.Array, jax.Array]:
-    """One block `(batch, rows, cols)` and its state slice: (new block, new state slice)."""
+def _adapt(block: jax.Array, v: jax.Array, config: MuonConfig,
+           transposed: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """One block `(batch, rows, cols)` and its state slice: (new block, new state slice).
+
+    With `transposed` (one bool per matrix), `block` is an oriented stack (`rows <= cols`,
+    tall matrices transposed) and NorMuon's `v` is `(batch, cols)`: a transposed matrix's
+    rows are its columns; the others' `rows` entries come first, then zero padding.
+    """
     wide = jnp.promote_types(v.dtype, jnp.float32)
     o = block.astype(wide)
-    normuon = config.second_moment == "normuon"
-    square = jnp.mean(o * o, axis=-1) if normuon else o * o
-    new_v = config.beta2 * v.astype(wide) + (1.0 - config.beta2) * square
-    denom = jnp.sqrt(new_v) + config.second_moment_eps
-    scaled = o / (denom[..., None] if normuon else denom)
-    return _keep_norm(scaled, o).astype(block.dtype), new_v.astype(v.dtype)
+    beta2, eps = config.beta2, config.second_moment_eps
+    if config.second_moment == "adamuon":
+        new_v = beta2 * v.astype(wide) + (1.0 - beta2) * (o * o)
+        denom = jnp.sqrt(new_v) + eps
+    elif transposed is None:
+        new_v = beta2 * v.astype(wide) + (1.0 - beta2) * jnp.mean(o * o, axis=-1)
+        denom = (jnp.sqrt(new_v) + eps)[..., None]
+    else:
+        rows, cols = o.shape[-2:]
+        row_means = jnp.pad(jnp.mean(o * o, axis=-1), ((0, 0), (0, cols - rows)))
+        square = jnp.where(transposed[:, None], jnp.mean(o * o, axis=-2), row_means)
+        new_v = beta2 * v.astype(wide) + (1.0 - beta2) * square
+        root = jnp.sqrt(new_v) + eps
+        denom = jnp.where(transposed[:, None, None], root[:, None, :], root[:, :rows, None])
+    return _keep_norm(o / denom, o).astype(block.dtype), new_v.astype(v.dtype)
+
+
+def adapt_oriented(stack: jax.Array, v: jax.Array, transposed: jax.Array,
+                   config: MuonConfig) -> tuple[jax.Array, jax.Array]:
+    """The second moment on a stack of whole orthogonalized matrices `(c, m, n)`, `m <= n`
+    (tall ones transposed, flagged in `transposed`), as the owner of a stack applies it:
+    (new stack, new state). `v` is AdaMuon's `(c, m, n)` (oriented like the stack) or
+    NorMuon's `(c, n)` (see `_adapt`)."""
+    return _adapt(stack, v, config, transposed)
 
 
 def second_moments(blocks: Sequence[jax.Array], moments: Mapping[str, jax.Array],

@@ -4,7 +4,8 @@
 split evenly over the devices of a mesh axis in the order of `muon_core.pack_by_shape` (the
 same owner table as the torch backend); inside `jax.shard_map` one all-to-all (or, for
 replicated parameters, a local slice) brings each device its whole matrices, Newton-Schulz runs
-there, and one all-to-all (or all-gather) brings the results back.
+there (then the NorMuon/AdaMuon second moment, whose state the owner receives for its own
+matrices), and one all-to-all (or all-gather) brings the results back.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from muon_core import (
     MuonConfig, ParamPlan, Plan, ShapeStack, from_matrices, ns_schedule, pack_by_shape, to_matrices,
 )
+from muon_jax._adaptive import adapt_oriented, second_moments
 from muon_jax._ns import ns_dtype, orthogonalize_batch
 
 SHARDED_NS = ("owner", "replicated", "blockwise")
@@ -73,11 +75,16 @@ def _oriented_blocks(x: jax.Array, entry: ParamPlan) -> list[jax.Array]:
     return [b.mT if b.shape[1] > b.shape[2] else b for b in blocks]
 
 
-def _from_oriented(blocks: list[jax.Array], entry: ParamPlan, dtype: Any) -> jax.Array:
-    """Undo `_oriented_blocks`, each block times its LR scale, in `dtype`."""
-    upright = [(b.mT if rows > entry.matrix_shape[2] else b).astype(dtype) * scale
-               for b, rows, scale in zip(blocks, entry.blocks, entry.lr_scales)]
-    return from_matrices(jnp.concatenate(upright, axis=1), entry, xp=jnp)
+def _upright(blocks: list[jax.Array], entry: ParamPlan, dtype: Any) -> list[jax.Array]:
+    """Undo `_oriented_blocks`' transposes, in `dtype`."""
+    return [(b.mT if rows > entry.matrix_shape[2] else b).astype(dtype)
+            for b, rows in zip(blocks, entry.blocks)]
+
+
+def _joined(blocks: list[jax.Array], entry: ParamPlan, scales: Any = None) -> jax.Array:
+    """Upright blocks (each times its LR scale, with `scales`) as one parameter-shaped array."""
+    scaled = blocks if scales is None else [b * s for b, s in zip(blocks, scales)]
+    return from_matrices(jnp.concatenate(scaled, axis=1), entry, xp=jnp)
 
 
 def _stack_spec(stack: ShapeStack, axis: str, replicated: bool) -> P:
@@ -94,25 +101,32 @@ def _stack_spec(stack: ShapeStack, axis: str, replicated: bool) -> P:
     return P(axis)
 
 
-def _local_ns(spec: P, axis: str, per_rank: int, ns: Any) -> Any:
-    """The per-device function: gather my whole matrices, orthogonalize, send them back."""
+def _local_ns(spec: P, axis: str, per_rank: int, ns: Any, adapt: Any = None) -> Any:
+    """The per-device function `(stack, moment) -> (stack, new moment)`: gather my whole
+    matrices, orthogonalize, apply `adapt(done, *moment)` when given (`moment` holds the
+    second-moment state of my own matrices, split over the stack axis), send them back."""
+    def owned(whole: jax.Array, moment: tuple) -> tuple[jax.Array, Any]:
+        done = ns(whole)
+        return (done, ()) if adapt is None else adapt(done, *moment)
+
     if spec == P():
-        def replicated(x: jax.Array) -> jax.Array:
+        def replicated(x: jax.Array, moment: tuple) -> tuple[jax.Array, Any]:
             mine = lax.dynamic_slice_in_dim(x, lax.axis_index(axis) * per_rank, per_rank)
-            return lax.all_gather(ns(mine), axis, tiled=True, to="invarying")
+            done, new_moment = owned(mine, moment)
+            return lax.all_gather(done, axis, tiled=True, to="invarying"), new_moment
         return replicated
     if spec == P(axis):
-        return ns
+        return owned
     split = 1 if spec == P(None, axis, None) else 2
 
-    def sharded(x: jax.Array) -> jax.Array:
+    def sharded(x: jax.Array, moment: tuple) -> tuple[jax.Array, Any]:
         n = lax.axis_size(axis)
         # (n * c, piece) -> (c, whole): each device sends its piece of device j's c matrices
         # to device j and joins the n pieces it receives along the split axis; then back.
         pieces = lax.all_to_all(x.reshape(n, per_rank, *x.shape[1:]), axis, 0, 0, tiled=True)
-        whole = jnp.concatenate(list(pieces), axis=split)
-        done = jnp.stack(jnp.split(ns(whole), n, axis=split))
-        return lax.all_to_all(done, axis, 0, 0, tiled=True).reshape(x.shape)
+        done, new_moment = owned(jnp.concatenate(list(pieces), axis=split), moment)
+        done = jnp.stack(jnp.split(done, n, axis=split))
+        return lax.all_to_all(done, axis, 0, 0, tiled=True).reshape(x.shape), new_moment
     return sharded
 
 
@@ -130,12 +144,13 @@ def _sharded_matrix_axis(entry: ParamPlan, spec: P | None, axis: str) -> int:
     return 0 if position < batch_end else 1 if position < rows_end else 2
 
 
-def _owner_stacks(plan: Plan, axis: str, n: int, replicated: frozenset[str], ns: Any):
+def _owner_stacks(plan: Plan, axis: str, n: int, replicated: frozenset[str], ns: Any,
+                  adapt: Any):
     """(items, padded size, stack spec, per-device function) of each `pack_by_shape` stack."""
     for stack in pack_by_shape(plan, n):
         spec = _stack_spec(stack, axis, all(name in replicated for name, _, _ in stack.items))
         yield (stack.items, stack.per_rank * n, spec,
-               _local_ns(spec, axis, stack.per_rank, ns))
+               _local_ns(spec, axis, stack.per_rank, ns, adapt))
 
 
 def _blockwise_stacks(plan: Plan, axis: str, n: int, specs: dict[str, P | None], ns: Any):
@@ -156,11 +171,45 @@ def _blockwise_stacks(plan: Plan, axis: str, n: int, specs: dict[str, P | None],
                 (entry.name, block, b) for b in range(batch))
     for (_, _, split), items in groups.items():
         size = len(items) if split else -(-len(items) // n) * n
-        yield items, size, P(*[axis if i == split else None for i in range(3)]), ns
+        yield (items, size, P(*[axis if i == split else None for i in range(3)]),
+               lambda x, moment: (ns(x), ()))
 
 
-def _stacked(directions: dict[str, jax.Array], plan: Plan, config: MuonConfig, mesh: Any,
-             axis: str, mode: str, specs: dict[str, P | None]) -> dict[str, jax.Array]:
+def _moment_stack(items: list[tuple[str, int, int]], size: int, held: dict[str, Any],
+                  entries: dict[str, ParamPlan], config: MuonConfig
+                  ) -> tuple[jax.Array, jax.Array]:
+    """The second-moment state of a stack's matrices, oriented like them and padded with
+    zeros to `size`, and which of them are transposed (see `adapt_oriented`). `held` is
+    AdaMuon's state as `_oriented_blocks`, or NorMuon's `(batch, rows)` state, per leaf."""
+    pieces, flags = [], []
+    for name, block, b in items:
+        entry = entries[name]
+        rows, cols = entry.blocks[block], entry.matrix_shape[2]
+        if config.second_moment == "adamuon":
+            pieces.append(held[name][block][b])
+        else:
+            start = entry.block_offsets[block]
+            pieces.append(jnp.pad(held[name][b, start:start + rows],
+                                  (0, max(cols - rows, 0))))
+        flags.append(rows > cols)
+    pieces += [jnp.zeros_like(pieces[0])] * (size - len(pieces))
+    flags += [False] * (size - len(flags))
+    return jnp.stack(pieces), jnp.asarray(flags)
+
+
+def _moment_leaf(pieces: list[list[jax.Array]], entry: ParamPlan,
+                 config: MuonConfig) -> jax.Array:
+    """A leaf's new second moment from its matrices' oriented state `pieces[block][b]`."""
+    if config.second_moment == "adamuon":
+        return _joined(_upright([jnp.stack(p) for p in pieces], entry, pieces[0][0].dtype),
+                       entry)
+    return jnp.concatenate([jnp.stack([v[:rows] for v in per_batch])
+                            for per_batch, rows in zip(pieces, entry.blocks)], axis=1)
+
+
+def _stacked(directions: dict[str, jax.Array], moments: dict[str, jax.Array], plan: Plan,
+             config: MuonConfig, mesh: Any, axis: str, mode: str,
+             specs: dict[str, P | None]) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
     """`orthogonalize_owned` on a mesh whose axes are `Auto` (XLA lays out the packing);
     `specs` are the directions' known PartitionSpecs (None when unknown)."""
     entries = {e.name: e for e in plan.muon}
@@ -170,45 +219,75 @@ def _stacked(directions: dict[str, jax.Array], plan: Plan, config: MuonConfig, m
     def ns(x: jax.Array) -> jax.Array:
         return orthogonalize_batch([x], schedule, config.eps, dtype)[0]
 
+    def adapt(done: jax.Array, v: jax.Array, transposed: jax.Array):
+        return adapt_oriented(done, v, transposed, config)
+
     n = mesh.shape[axis]
+    owner_moment = mode != "blockwise" and config.second_moment != "none"
     if mode == "blockwise":
         stacks = _blockwise_stacks(plan, axis, n, specs, ns)
     else:
         replicated = frozenset(name for name, spec in specs.items()
                                if spec is not None and axis not in _axes_of(spec))
-        stacks = _owner_stacks(plan, axis, n, replicated, ns)
+        stacks = _owner_stacks(plan, axis, n, replicated, ns, adapt if owner_moment else None)
     blocks = {n: _oriented_blocks(directions[n].astype(dtype), e) for n, e in entries.items()}
+    held = ({n: _oriented_blocks(moments[n], e) for n, e in entries.items()}
+            if owner_moment and config.second_moment == "adamuon" else moments)
     results: dict[str, list[list[Any]]] = {
         n: [[None] * e.matrix_shape[0] for _ in e.blocks] for n, e in entries.items()}
+    new_moments = {n: [[None] * e.matrix_shape[0] for _ in e.blocks] for n, e in entries.items()}
     for items, size, spec, local in stacks:
         pieces = [blocks[name][block][b] for name, block, b in items]
         pieces += [jnp.zeros_like(pieces[0])] * (size - len(pieces))
         stacked = lax.with_sharding_constraint(jnp.stack(pieces), NamedSharding(mesh, spec))
-        done = jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec)(stacked)
+        moment = _moment_stack(items, size, held, entries, config) if owner_moment else ()
+        done, moment = jax.shard_map(local, mesh=mesh, in_specs=(spec, P(axis)),
+                                     out_specs=(spec, P(axis)))(stacked, moment)
         for index, (name, block, b) in enumerate(items):
             results[name][block][b] = done[index]
-    return {name: _from_oriented([jnp.stack(per_batch) for per_batch in results[name]], entry,
-                                 directions[name].dtype)
-            for name, entry in entries.items()}
+            if owner_moment:
+                new_moments[name][block][b] = moment[index]
+    upright = {name: _upright([jnp.stack(per_batch) for per_batch in results[name]], entry,
+                              directions[name].dtype) for name, entry in entries.items()}
+    if owner_moment:
+        moments = {name: _moment_leaf(new_moments[name], entry, config)
+                   for name, entry in entries.items()}
+    elif config.second_moment != "none":  # blockwise: the core's rule on each plan block
+        flat, moments = second_moments([b for e in plan.muon for b in upright[e.name]],
+                                       moments, plan.muon, config)
+        adapted = iter(flat)
+        upright = {e.name: [next(adapted) for _ in e.blocks] for e in plan.muon}
+    return ({name: _joined(upright[name], entry, entry.lr_scales)
+             for name, entry in entries.items()}, dict(moments))
 
 
 def orthogonalize_owned(directions: dict[str, jax.Array], plan: Plan, config: MuonConfig,
-                        mesh: Any, axis: str, mode: str = "owner") -> dict[str, jax.Array]:
-    """`lr_scale * NS(direction)` of every Muon leaf on the devices of mesh axis `axis`.
+                        mesh: Any, axis: str, mode: str = "owner",
+                        moments: dict[str, jax.Array] | None = None
+                        ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    """`lr_scale * NS(direction)` of every Muon leaf on the devices of mesh axis `axis`, after
+    the config's second moment: (directions, new second moments by leaf name).
 
     `mode="owner"`: each device orthogonalizes its share of every same-shape stack
-    (`muon_core.pack_by_shape`), equal to the single-device result. `mode="blockwise"`: each
-    matrix is cut into pieces along the axis its leaf is sharded on (the output axis when
-    that is unknown) and each piece is orthogonalized alone, a different algorithm. Results
-    keep the directions' dtypes, and their shardings under explicit axes.
+    (`muon_core.pack_by_shape`) and applies the second moment to those whole matrices, with
+    their state sent to it in the same way; equal to the single-device result.
+    `mode="blockwise"`: each matrix is cut into pieces along the axis its leaf is sharded on
+    (the output axis when that is unknown) and each piece is orthogonalized alone, a
+    different algorithm; the second moment then acts on each block of the plan's matrix view
+    as on one device. Results keep the directions' (and moments') dtypes, and their shardings
+    under explicit axes.
     """
+    moments = dict(moments or {})
     if not any(t == AxisType.Explicit for t in mesh.axis_types):
-        return _stacked(directions, plan, config, mesh, axis, mode, dict.fromkeys(directions))
+        return _stacked(directions, moments, plan, config, mesh, axis, mode,
+                        dict.fromkeys(directions))
     specs = {n: _explicit_spec(d) or P() for n, d in directions.items()}
 
-    def packed(directions: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        return _stacked(directions, plan, config, jax.sharding.get_abstract_mesh(), axis, mode,
-                        specs)
+    def packed(directions: dict[str, jax.Array], moments: dict[str, jax.Array]):
+        return _stacked(directions, moments, plan, config, jax.sharding.get_abstract_mesh(),
+                        axis, mode, specs)
 
-    out_sharding = {n: NamedSharding(mesh, spec) for n, spec in specs.items()}
-    return jax.sharding.auto_axes(packed, out_sharding=out_sharding)(directions)
+    out_sharding = ({n: NamedSharding(mesh, spec) for n, spec in specs.items()},
+                    {n: NamedSharding(mesh, _explicit_spec(v) or P())
+                     for n, v in moments.items()})
+    return jax.sharding.auto_axes(packed, out_sharding=out_sharding)(directions, moments)

@@ -109,13 +109,10 @@ def _muon_directions(grads: Mapping[str, Any], bufs: Mapping[str, Any],
         raise ValueError("sharded_ns='blockwise' needs the mesh: pass mesh= (and axis=) or use "
                          "explicit axes, so that the blocks are known")
     if target is not None and sharded_ns != "replicated":
-        if config.second_moment != "none":
-            raise ValueError(f"second_moment={config.second_moment!r} with "
-                             f"sharded_ns={sharded_ns!r} is not supported yet: expected "
-                             "sharded_ns='replicated' or second_moment='none'")
-        directions = orthogonalize_owned({n: d for n, (d, _) in stepped.items()}, plan, config,
-                                         *target, mode=sharded_ns)
-        return directions, {name: buf for name, (_, buf) in stepped.items()}, dict(moments)
+        directions, moments = orthogonalize_owned({n: d for n, (d, _) in stepped.items()}, plan,
+                                                  config, *target, mode=sharded_ns,
+                                                  moments=moments)
+        return directions, {name: buf for name, (_, buf) in stepped.items()}, moments
     shardings = {e.name: explicit_sharding(grads[e.name]) for e in entries}
     blocks = [_to_blocks(whole(stepped[e.name][0]), e) for e in entries]
     flat = orthogonalize_batch([b for leaf in blocks for b in leaf],
