@@ -7,11 +7,16 @@ import torch
 from muon_core import DeviceFacts, NSSchedule
 from muon_core._ns import uses_gram
 
+from muon_torch import _triton_syrk
+
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 # On CPU the stack is walked in chunks of at most this many values per matrix group: measured
 # here, torch's GEMMs on one 768x768 or 768x3072 matrix at a time (scratch reused from the heap,
 # kept in cache) beat one batched GEMM over a dozen of them by about 8 %.
 CPU_CHUNK_VALUES = 2**19
+# Whether Newton-Schulz on CUDA computes its symmetric m x m products with the Triton kernel of
+# `_triton_syrk` (upper tiles only) by default, where triton is installed.
+CUDA_SYMMETRIC_PRODUCTS = False
 
 
 # Facts per device, read once per process (a plain dict, which torch.compile reads as a constant).
@@ -66,41 +71,67 @@ def _normalised(x: torch.Tensor, schedule: NSSchedule, eps: float) -> torch.Tens
     return torch.div(x, scale, out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
 
 
-def _iterate_gram(x: torch.Tensor, schedule: NSSchedule, eps: float, out: torch.Tensor) -> None:
+def _product(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, symmetric: bool) -> None:
+    """`out = a @ b` for a product known to be symmetric; with `symmetric`, by the Triton
+    kernel that computes only the upper tiles."""
+    if symmetric:
+        _triton_syrk.symmetric_product(a, b.mT, out=out)
+    else:
+        torch.bmm(a, b, out=out)
+
+
+def uses_symmetric_kernel(device: torch.device, symmetric: bool | None) -> bool:
+    """Whether `newton_schulz(..., symmetric=symmetric)` on `device` uses the Triton kernel:
+    `symmetric` when given (True fails where the kernel cannot run), else
+    `CUDA_SYMMETRIC_PRODUCTS` on CUDA devices where triton is installed."""
+    if symmetric is None:
+        return (torch.device(device).type == "cuda" and CUDA_SYMMETRIC_PRODUCTS
+                and _triton_syrk.available())
+    if symmetric and not _triton_syrk.available():
+        raise ValueError(f"{symmetric=} needs triton and a CUDA GPU (or TRITON_INTERPRET=1)")
+    return bool(symmetric)
+
+
+def _iterate_gram(x: torch.Tensor, schedule: NSSchedule, eps: float, out: torch.Tensor,
+                  symmetric: bool = False) -> None:
     """Gram Newton-Schulz (`muon_core`'s `_gram_iterations`) on a batch (b, m, n), m <= n.
 
     Forms `A = X X^T` and iterates `Q <- P Q` and `A <- (a A + b A^2 + c A^3) P` on m x m
-    matrices in at least float32, then writes `Q X` (in `x.dtype`) into `out`.
+    matrices in at least float32, then writes `Q X` (in `x.dtype`) into `out`. Every m x m
+    product is symmetric (all are polynomials in the first Gram matrix), hence `symmetric`.
     """
     current = _normalised(x, schedule, eps)
     wide = torch.promote_types(x.dtype, torch.float32)
     # A rounded to bfloat16 is no longer positive semidefinite: its spurious negative eigenvalues
     # grow by a^2 per step (about 12 for keller) and overflow, so A is formed in `wide` too.
     wide_x = current.to(wide)
-    gram = torch.bmm(wide_x, wide_x.mT)
+    gram = wide_x.new_empty((x.shape[0], x.shape[1], x.shape[1]))
+    _product(wide_x, wide_x.mT, gram, symmetric)
     square, poly, cube = torch.empty_like(gram), torch.empty_like(gram), torch.empty_like(gram)
     q, spare = torch.empty_like(gram), torch.empty_like(gram)
     last = len(schedule.coefficients) - 1
     for i, (a, b, c) in enumerate(schedule.coefficients):
-        torch.bmm(gram, gram, out=square)
+        _product(gram, gram, square, symmetric)
         torch.mul(gram, b, out=poly).add_(square, alpha=c)
         poly.diagonal(dim1=-2, dim2=-1).add_(a)
         if i == 0:
             q.copy_(poly)
         else:
-            torch.bmm(poly, q, out=spare)
+            _product(poly, q, spare, symmetric)
             q, spare = spare, q
         if i < last:
             # a A + b A^2 + c A^3, then times P: the next Gram matrix
             torch.mul(gram, a, out=cube).add_(square, alpha=b).baddbmm_(gram, square, alpha=c)
-            torch.bmm(cube, poly, out=gram)
+            _product(cube, poly, gram, symmetric)
     torch.bmm(q.to(x.dtype), current, out=out)
 
 
-def _iterate(x: torch.Tensor, schedule: NSSchedule, eps: float, out: torch.Tensor) -> None:
-    """Newton-Schulz on a batch `x` of shape (b, m, n) with m <= n, written into `out`."""
+def _iterate(x: torch.Tensor, schedule: NSSchedule, eps: float, out: torch.Tensor,
+             symmetric: bool = False) -> None:
+    """Newton-Schulz on a batch `x` of shape (b, m, n) with m <= n, written into `out`; with
+    `symmetric`, `X X^T` and `A^2` by the Triton kernel."""
     if uses_gram(schedule, x.shape[-2], x.shape[-1]):
-        _iterate_gram(x, schedule, eps, out)
+        _iterate_gram(x, schedule, eps, out, symmetric)
         return
     # Every product writes into scratch allocated once; the last one writes into `out`.
     current = _normalised(x, schedule, eps)
@@ -110,14 +141,19 @@ def _iterate(x: torch.Tensor, schedule: NSSchedule, eps: float, out: torch.Tenso
     last = len(schedule.coefficients) - 1
     for i, (a, b, c) in enumerate(schedule.coefficients):
         target = out if i == last else spare
-        torch.bmm(current, current.mT, out=gram)
-        torch.baddbmm(gram, gram, gram, beta=b, alpha=c, out=poly)
+        if symmetric:
+            _product(current, current.mT, gram, symmetric)
+            _product(gram, gram, poly, symmetric)
+            poly.mul_(c).add_(gram, alpha=b)
+        else:
+            torch.bmm(current, current.mT, out=gram)
+            torch.baddbmm(gram, gram, gram, beta=b, alpha=c, out=poly)
         torch.baddbmm(current, poly, current, beta=a, out=target)
         current, spare = target, current
 
 
 def newton_schulz(x: torch.Tensor, schedule: NSSchedule, eps: float, *,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
+                  out: torch.Tensor | None = None, symmetric: bool | None = None) -> torch.Tensor:
     """Orthogonalize every matrix of `x` (shape `(..., m, n)`) in one batched call.
 
     Semantics of `muon_core.orthogonalize`: work on `X^T` when `m > n`, divide by
@@ -125,6 +161,8 @@ def newton_schulz(x: torch.Tensor, schedule: NSSchedule, eps: float, *,
     `(a, b, c)` of the schedule, in `x.dtype` on `x.device`. The result goes to `out` when given
     (a contiguous tensor shaped like `x`, or like `x` with its last two axes swapped when
     `m > n`; `out` may be `x` itself), else to a new tensor; `x` is otherwise not modified.
+    `symmetric` chooses the Triton kernel for the symmetric products (see
+    `uses_symmetric_kernel`; default: `CUDA_SYMMETRIC_PRODUCTS` on CUDA).
     Returns the result shaped like `x`.
     """
     if x.ndim < 2:
@@ -141,8 +179,10 @@ def newton_schulz(x: torch.Tensor, schedule: NSSchedule, eps: float, *,
         raise ValueError(f"out must be a contiguous {x.dtype} tensor of {work.numel()} values, "
                          f"got {out.dtype=}, {tuple(out.shape)=}, {out.is_contiguous()=}")
     result = out.view(work.shape)
+    symmetric = uses_symmetric_kernel(x.device, symmetric)
     count = work.shape[0]
     chunk = count if x.device.type != "cpu" else max(1, CPU_CHUNK_VALUES // work[0].numel())
     for start in range(0, count, chunk):
-        _iterate(work[start:start + chunk], schedule, eps, result[start:start + chunk])
+        _iterate(work[start:start + chunk], schedule, eps, result[start:start + chunk],
+                 symmetric)
     return (result.mT if tall else result).reshape(shape)
