@@ -83,6 +83,21 @@ def timed(contenders: Mapping[str, Callable[[], object]], device: torch.device, 
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def working(contenders: dict[str, Callable[[], object]],
+            failures: list[dict]) -> dict[str, Callable[[], object]]:
+    """The contenders whose first call succeeds; a row for each one that fails goes to
+    `failures` (a kernel that does not compile for one tile size leaves the others timed)."""
+    kept = {}
+    for name, fn in contenders.items():
+        try:
+            fn()
+            kept[name] = fn
+        except Exception as error:  # noqa: BLE001 (recorded)
+            failures.append({"contender": name, "error": repr(error)[:300]})
+            log(f"{name} failed: {error!r}")
+    return kept
+
+
 def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
     """max |value - reference| / max |reference|, in float64."""
     return ((value.double() - reference).abs().max() / reference.abs().max()).item()
@@ -110,6 +125,7 @@ def section_syrk(device: torch.device, quick: bool, rounds: int) -> list[dict]:
             contenders[f"triton block={block or 'auto'},{block_k or 'auto'}"] = (
                 lambda x=x, b=block, bk=block_k: _triton_syrk.symmetric_product(
                     x, block=b, block_k=bk))
+        contenders = working(contenders, rows)
         errors = {name: relative_error(fn(), reference) for name, fn in contenders.items()}
         times = timed(contenders, device, rounds)
         flops = 2 * m * m * k
@@ -190,6 +206,7 @@ def section_newton_schulz(device: torch.device, quick: bool, rounds: int) -> lis
                 if peer is not None:
                     contenders["torch.optim.Muon NS"] = lambda bf=bf: [
                         peer(v, keller, 5, 1e-7) for v in bf]
+                contenders = working(contenders, rows)
                 # accuracy on the one-matrix runs (a stack repeats the same computation)
                 polar = polar_factor(g[0]) if count == 1 else None
                 accuracy = {name: polar_accuracy(fn()[0].float(), polar) if count == 1 else {}

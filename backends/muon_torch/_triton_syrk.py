@@ -124,5 +124,5 @@ def symmetric_product(a: torch.Tensor, b: torch.Tensor | None = None, *,
         a, b, out, m, k, *a.stride(), *b.stride(), *out.stride(),
         BLOCK=block, BLOCK_K=block_k, IEEE=a.dtype == torch.float32 or wide,
         WIDEN=wide,
-        num_warps=8 if block >= 128 else 4)
+        num_warps=8 if block >= 128 else 4, num_stages=3 if a.element_size() == 2 else 2)
     return out
