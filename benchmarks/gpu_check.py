@@ -8,7 +8,7 @@ Sections, each in its own try/except (a failure is recorded and the next section
 (i) `muon_torch._triton_syrk.symmetric_product` against `torch.matmul` for `X X^T`: largest
     error relative to the float64 product, and time, for bf16 768x3072, 1024x4096, 4096x11008
     and a few tile sizes, plus float32 m x m products (the Gram form's);
-(ii) Newton-Schulz in bf16: ours (gram, standard; with and without the Triton kernel) against
+(ii) Newton-Schulz in bf16: ours (gram, standard; symmetric products full, blocked, Triton) vs
     `torch.optim.Muon`'s, time and accuracy (singular values of the result, spectral distance
     to the exact polar factor from a float64 SVD), one matrix and a stack of 12;
 (iii) one optimizer step on the GPT-2 small parameter set: `muon_torch.Muon` at its defaults
@@ -179,7 +179,8 @@ def test_matrices(m: int, n: int, count: int, device: torch.device) -> dict[str,
 
 
 def section_newton_schulz(device: torch.device, quick: bool, rounds: int) -> list[dict]:
-    """Our bf16 Newton-Schulz (gram/standard, with/without Triton) against torch.optim.Muon's."""
+    """Our bf16 Newton-Schulz (gram/standard; full, blocked or Triton symmetric products)
+    against torch.optim.Muon's."""
     import muon_core
     from muon_torch import _triton_syrk
     from muon_torch._newton_schulz import newton_schulz
@@ -199,8 +200,8 @@ def section_newton_schulz(device: torch.device, quick: bool, rounds: int) -> lis
                 contenders = {}
                 for algorithm in ("gram", "standard"):
                     schedule = muon_core.ns_schedule("keller", 5, algorithm)
-                    for symmetric in (False, True) if triton_ok else (False,):
-                        name = f"ours {algorithm}" + (" + triton" if symmetric else "")
+                    for symmetric in ("full", "blocked") + (("triton",) if triton_ok else ()):
+                        name = f"ours {algorithm}, {symmetric} products"
                         contenders[name] = (lambda s=schedule, t=symmetric, bf=bf:
                                             newton_schulz(bf, s, 1e-7, symmetric=t))
                 if peer is not None:

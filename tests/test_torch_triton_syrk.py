@@ -48,6 +48,23 @@ def test_x_xt_matches_float64_and_is_exactly_symmetric(shape, dtype, tolerance):
 
 
 @interpreted_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_base_is_rounded_once_and_may_be_out(dtype):
+    # beta C + alpha A A^T with C symmetric, C also the output (as Newton-Schulz uses it)
+    x = torch.randn(2, 40, 24, generator=torch.Generator().manual_seed(3))
+    c = torch.randn(2, 40, 40, generator=torch.Generator().manual_seed(4))
+    c = (c + c.mT).to(dtype)
+    reference = -4.775 * c.double() + 2.0315 * (x.to(dtype).double() @ x.to(dtype).double().mT)
+    out = c.clone()
+    _triton_syrk.symmetric_product(x.to(dtype), out=out, base=out, beta=-4.775, alpha=2.0315,
+                                   block=16, block_k=16)
+    # one rounding to `dtype`: within an ulp (triton's interpreter may round bfloat16 down)
+    rounding = 2.4e-7 if dtype == torch.float32 else 7.9e-3
+    assert (out.double() - reference).abs().max() <= rounding * reference.abs().max()
+    assert torch.equal(out, out.mT)
+
+
+@interpreted_only
 def test_product_of_commuting_symmetric_matrices():
     # P Q with P, Q polynomials in one symmetric A: symmetric, computed as P (Q^T)^T
     a = torch.randn(2, 24, 24, dtype=torch.float64)
@@ -75,19 +92,19 @@ def test_newton_schulz_with_kernel_matches_plain_path_and_float64(algorithm, coe
     x = np.random.default_rng(1).normal(size=(2, 20, 48))
     schedule = muon_core.ns_schedule(coefficients, 5, algorithm)
     tensor = torch.tensor(x, dtype=torch.float32)
-    ours = newton_schulz(tensor, schedule, 1e-7, symmetric=True)
-    plain = newton_schulz(tensor, schedule, 1e-7, symmetric=False)
+    ours = newton_schulz(tensor, schedule, 1e-7, symmetric="triton")
+    plain = newton_schulz(tensor, schedule, 1e-7, symmetric="full")
     reference = muon_core.orthogonalize(x, 5, coefficients, dtype="float64", algorithm=algorithm)
     np.testing.assert_allclose(ours.numpy(), plain.numpy(), atol=1e-5, rtol=0)
     np.testing.assert_allclose(ours.numpy(), reference, atol=2e-5, rtol=0)
-    tall = newton_schulz(tensor.mT, schedule, 1e-7, symmetric=True)
+    tall = newton_schulz(tensor.mT, schedule, 1e-7, symmetric="triton")
     np.testing.assert_allclose(tall.mT.numpy(), ours.numpy(), atol=1e-6, rtol=0)
 
 
 @interpreted_only
 def test_default_uses_kernel_only_on_cuda():
-    assert not _newton_schulz.uses_symmetric_kernel(torch.device("cpu"), None)
-    assert _newton_schulz.uses_symmetric_kernel(torch.device("cpu"), True)
+    assert _newton_schulz.symmetric_products(torch.device("cpu")) == "blocked"
+    assert _newton_schulz.symmetric_products(torch.device("cpu"), "triton") == "triton"
 
 
 def test_kernel_refused_where_it_cannot_run(monkeypatch):
@@ -96,7 +113,7 @@ def test_kernel_refused_where_it_cannot_run(monkeypatch):
     try:
         if torch.cuda.is_available():
             pytest.skip("a CUDA GPU is present: the kernel can run")
-        with pytest.raises(ValueError, match="symmetric=True"):
-            newton_schulz(torch.randn(4, 6), muon_core.ns_schedule(), 1e-7, symmetric=True)
+        with pytest.raises(ValueError, match="symmetric='triton'"):
+            newton_schulz(torch.randn(4, 6), muon_core.ns_schedule(), 1e-7, symmetric="triton")
     finally:
         _triton_syrk.available.cache_clear()

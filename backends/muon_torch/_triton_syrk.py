@@ -33,10 +33,11 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def symmetric_product(a_ptr, b_ptr, c_ptr, m, k,
+    def symmetric_product(a_ptr, b_ptr, c_ptr, base_ptr, m, k, alpha, beta,
                           a_batch, a_row, a_col, b_batch, b_row, b_col, c_batch, c_row, c_col,
+                          base_batch, base_row, base_col,
                           BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
-                          WIDEN: tl.constexpr):
+                          WIDEN: tl.constexpr, HAS_BASE: tl.constexpr):
         tile_row, tile_col, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         if tile_row > tile_col:  # lower tiles are the mirror of upper ones
             return
@@ -59,10 +60,14 @@ def _kernel():
                 acc = tl.dot(a, b, acc)
             a_ptrs += BLOCK_K * a_col
             b_ptrs += BLOCK_K * b_col
+        inside = (rows[:, None] < m) & (cols[None, :] < m)
+        if HAS_BASE:  # alpha A B^T + beta C, C symmetric: its upper tile is read, may be `out`
+            tile = (base_ptr + batch * base_batch + rows[:, None] * base_row
+                    + cols[None, :] * base_col)
+            acc = alpha * acc + beta * tl.load(tile, mask=inside, other=0.0).to(tl.float32)
         result = acc.to(c_ptr.dtype.element_ty)
         # Entries on and above the diagonal in place, those strictly above it mirrored (in a
         # diagonal tile, the mirror replaces the entries below the diagonal that were computed).
-        inside = (rows[:, None] < m) & (cols[None, :] < m)
         base = c_ptr + batch * c_batch
         tl.store(base + rows[:, None] * c_row + cols[None, :] * c_col, result,
                  mask=inside & (rows[:, None] <= cols[None, :]))
@@ -88,10 +93,13 @@ def _tile(size: int) -> int:
 
 
 def symmetric_product(a: torch.Tensor, b: torch.Tensor | None = None, *,
-                      out: torch.Tensor | None = None, block: int | None = None,
+                      out: torch.Tensor | None = None, base: torch.Tensor | None = None,
+                      beta: float = 1.0, alpha: float = 1.0, block: int | None = None,
                       block_k: int | None = None) -> torch.Tensor:
     """`a @ b.mT` for batches `(batch, m, k)` whose product is known to be symmetric (`b`
-    defaults to `a`: `a a^T`), computing only the tiles on and above the diagonal.
+    defaults to `a`: `a a^T`), computing only the tiles on and above the diagonal; with a
+    symmetric `base` of the result's shape, `beta * base + alpha * a @ b.mT` (rounded once;
+    `base` may be `out`).
 
     Tiles are `block x block` (default: `DEFAULT_BLOCK`, less for small m) and contract over
     `block_k` values at a time (default: `DEFAULT_BLOCK_K`, less for small k). Accumulates in
@@ -112,6 +120,9 @@ def symmetric_product(a: torch.Tensor, b: torch.Tensor | None = None, *,
     elif out.shape != (count, m, m) or out.dtype != a.dtype:
         raise ValueError(f"out must be a ({count}, {m}, {m}) {a.dtype} tensor, got "
                          f"{tuple(out.shape)=}, {out.dtype=}")
+    if base is not None and (base.shape != out.shape or base.dtype != out.dtype):
+        raise ValueError(f"base must be a ({count}, {m}, {m}) {a.dtype} tensor, got "
+                         f"{tuple(base.shape)=}, {base.dtype=}")
     if not available():
         raise RuntimeError("symmetric_product needs triton and a CUDA GPU (or TRITON_INTERPRET=1)")
     block = block or min(DEFAULT_BLOCK, _tile(m))
@@ -121,8 +132,9 @@ def symmetric_product(a: torch.Tensor, b: torch.Tensor | None = None, *,
     # tiles are widened to float32 first: the same products, rounded once at the store.
     wide = interpreted() and a.dtype != torch.float32
     _kernel()[(tiles, tiles, count)](
-        a, b, out, m, k, *a.stride(), *b.stride(), *out.stride(),
+        a, b, out, out if base is None else base, m, k, float(alpha), float(beta),
+        *a.stride(), *b.stride(), *out.stride(), *(out if base is None else base).stride(),
         BLOCK=block, BLOCK_K=block_k, IEEE=a.dtype == torch.float32 or wide,
-        WIDEN=wide,
+        WIDEN=wide, HAS_BASE=base is not None,
         num_warps=8 if block >= 128 else 4, num_stages=3 if a.element_size() == 2 else 2)
     return out
