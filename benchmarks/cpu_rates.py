@@ -4,7 +4,8 @@
 
 GEMM `(m x m) @ (m x n)` through torch (MKL), oneDNN, numpy (its BLAS) and XLA; keller-5
 Newton-Schulz through the core's plain iteration on torch tensors, muon_torch (standard and
-Gram) and muon_jax (standard and Gram, jitted). Contenders are interleaved round by round and
+Gram, with its default blocked symmetric products and with full GEMMs; Gram with quintic-4,
+a schedule closer to the polar factor than keller-5) and muon_jax (standard and Gram, jitted). Contenders are interleaved round by round and
 timed on this process's CPU time; rates are flops / median time, Newton-Schulz counted as the
 standard keller-5 flops 5 (4 m^2 n + 2 m^3).
 """
@@ -40,6 +41,7 @@ def contenders(m: int, n: int) -> dict[str, tuple[callable, int]]:
                                                                 algorithm=alg))
               for alg in ("standard", "gram")}
     torch_ns = {alg: muon_core.ns_schedule("keller", 5, alg) for alg in ("standard", "gram")}
+    quintic4 = muon_core.ns_schedule("quintic", 4, "gram")
     gemm, ns = 2 * m * m * n, keller_flops(m, n)
     return {
         "GEMM torch (MKL)": (lambda: torch.mm(w, x, out=out), gemm),
@@ -49,7 +51,13 @@ def contenders(m: int, n: int) -> dict[str, tuple[callable, int]]:
         "NS keller-5, core's plain iteration on torch": (lambda: muon_core.orthogonalize(x), ns),
         "NS keller-5, muon_torch standard": (lambda: newton_schulz(x, torch_ns["standard"], 1e-7),
                                              ns),
+        "NS keller-5, muon_torch standard, full products": (
+            lambda: newton_schulz(x, torch_ns["standard"], 1e-7, symmetric="full"), ns),
         "NS keller-5, muon_torch gram": (lambda: newton_schulz(x, torch_ns["gram"], 1e-7), ns),
+        "NS keller-5, muon_torch gram, full products": (
+            lambda: newton_schulz(x, torch_ns["gram"], 1e-7, symmetric="full"), ns),
+        "NS quintic-4, muon_torch gram (counted as keller-5)": (
+            lambda: newton_schulz(x, quintic4, 1e-7), ns),
         "NS keller-5, muon_jax standard": (lambda: xla_ns["standard"](jx).block_until_ready(),
                                            ns),
         "NS keller-5, muon_jax gram": (lambda: xla_ns["gram"](jx).block_until_ready(), ns),

@@ -115,3 +115,31 @@ def test_cpu_chunks_and_out_give_the_same_result(shape, monkeypatch):
 def test_out_of_the_wrong_size_is_refused():
     with pytest.raises(ValueError, match=r"out must be a contiguous torch.float32 tensor of 40"):
         newton_schulz(torch.randn(5, 8), KELLER, 1e-7, out=torch.empty(5, 7))
+
+
+@pytest.mark.parametrize("algorithm", ["standard", "gram"])
+@pytest.mark.parametrize("shape", [(2, 10, 31), (3, 9, 7)])
+def test_blocked_symmetric_products_match_full_and_float64(algorithm, shape, monkeypatch):
+    monkeypatch.setattr(muon_torch._newton_schulz, "STRIP_ROWS", 3)  # several strips, one short
+    x = np.random.default_rng(2).normal(size=shape)
+    schedule = muon_core.ns_schedule("keller", 5, algorithm)
+    tensor = torch.tensor(x, dtype=torch.float32)
+    blocked = newton_schulz(tensor, schedule, 1e-7, symmetric="blocked")
+    full = newton_schulz(tensor, schedule, 1e-7, symmetric="full")
+    reference = muon_core.orthogonalize(x, 5, "keller", dtype="float64", algorithm=algorithm)
+    np.testing.assert_allclose(blocked.numpy(), full.numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(blocked.numpy(), reference, atol=2e-5, rtol=0)
+
+
+def test_blocked_product_is_exactly_symmetric(monkeypatch):
+    monkeypatch.setattr(muon_torch._newton_schulz, "STRIP_ROWS", 4)
+    a = torch.randn(2, 10, 7, dtype=torch.float64)
+    out = torch.full((2, 10, 10), float("nan"), dtype=torch.float64)
+    muon_torch._newton_schulz._blocked_product(a, a.mT, out)
+    assert torch.equal(out, out.mT)
+    torch.testing.assert_close(out, a @ a.mT)
+
+
+def test_unknown_symmetric_choice_is_refused():
+    with pytest.raises(ValueError, match=r"symmetric='half' is invalid: expected one of"):
+        newton_schulz(torch.randn(4, 6), KELLER, 1e-7, symmetric="half")
