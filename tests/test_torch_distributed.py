@@ -45,7 +45,17 @@ def _single_process(params, grads, config):
     return adapter.params(handle)
 
 
-def _check_equivalence(world_size, steps, shard, **options):
+def _state_size(entry, method, world_size, shard):
+    """Values of an entry's state summed over ranks: momentum, plus the second moment (whole
+    on every rank for NorMuon under ZeRO-1, sliced for AdaMuon)."""
+    numel = int(np.prod(entry.shape))
+    moment = {"none": 0, "adamuon": numel,
+              "normuon": int(np.prod(muon_core.second_moment_shape(entry, "normuon")))}[method]
+    copies = world_size if shard == "zero1" and method == "normuon" else 1
+    return numel + copies * moment
+
+
+def _check_equivalence(world_size, steps, shard, tolerance=1e-6, **options):
     config = MuonConfig(ns_dtype="float32", nonfinite="skip", rules=(GQA,), **options)
     params, grads = _inputs(world_size, steps, nan_at=1)
     outputs = run_torch_workers({"params": params, "grads": grads, "config": config.to_dict(),
@@ -56,15 +66,16 @@ def _check_equivalence(world_size, steps, shard, **options):
         for name in SHAPES:
             scale = np.max(np.abs(expected[name]))
             error = np.max(np.abs(out["params"][name] - expected[name])) / scale
-            assert error <= 1e-6, f"rank {rank} {name}: relative error {error:.2e}"
+            assert error <= tolerance, f"rank {rank} {name}: relative error {error:.2e}"
     plan = muon_core.plan(SHAPES, config)
     for entry in plan.muon:
         holders = [out["state_sizes"].get(entry.name, 0) for out in outputs]
-        numel = int(np.prod(entry.shape))
-        if shard == "layerwise":  # one rank keeps the whole momentum
-            assert sorted(holders) == [0] * (world_size - 1) + [numel], entry.name
-        else:  # every rank keeps its slice
-            assert sum(holders) == numel, entry.name
+        total = _state_size(entry, config.second_moment, world_size, shard)
+        if shard == "layerwise":  # one rank keeps the whole state
+            assert sorted(holders) == [0] * (world_size - 1) + [total], entry.name
+        else:  # every rank keeps its slices
+            assert sum(holders) == total, entry.name
+    return expected
 
 
 @pytest.mark.parametrize("shard", ["layerwise", "zero1"])
@@ -79,6 +90,36 @@ def test_two_ranks_equal_one_process(shard):
 def test_many_ranks_twenty_steps_equal_one_process(world_size, shard, nesterov):
     _check_equivalence(world_size, 20, shard, nesterov=nesterov,
                        momentum_kind="ema" if nesterov else "sum")
+
+
+ADAPTIVE = {"normuon": {"second_moment": "normuon"}, "adamuon": {"second_moment": "adamuon"},
+            "cautious": {"cautious_weight_decay": True, "lr": 0.05, "weight_decay": 0.5}}
+
+
+@pytest.mark.parametrize("variant", sorted(ADAPTIVE))
+@pytest.mark.parametrize("shard", ["layerwise", "zero1"])
+def test_adaptive_variants_on_two_ranks_equal_one_process(shard, variant):
+    expected = _check_equivalence(2, 3, shard, **ADAPTIVE[variant])
+    # the variant changes the trajectory, so the comparison above is not the plain one's
+    plain = {k: v for k, v in ADAPTIVE[variant].items() if k in ("lr", "weight_decay")}
+    config = MuonConfig(ns_dtype="float32", nonfinite="skip", rules=(GQA,), **plain)
+    baseline = _single_process(*_inputs(2, 3, nan_at=1), config)
+    assert not np.allclose(expected["h.0.mlp.fc.weight"], baseline["h.0.mlp.fc.weight"])
+
+
+@pytest.mark.parametrize("shard", ["layerwise", "zero1"])
+def test_bfloat16_newton_schulz_is_bit_identical_on_two_ranks(shard):
+    # Two ranks: the gloo sum of two float32 gradients, halved, is the float64 mean rounded
+    # once, so each parameter's owner (layer-wise) or every rank (ZeRO-1) runs the very
+    # arithmetic of one process, bfloat16 Newton-Schulz included.
+    config = MuonConfig(ns_dtype="bfloat16", rules=(GQA,))
+    params, grads = _inputs(2, 2)
+    outputs = run_torch_workers({"params": params, "grads": grads, "config": config.to_dict(),
+                                 "shard": shard}, 2)
+    expected = _single_process(params, grads, config)
+    for out in outputs:
+        for name in SHAPES:
+            np.testing.assert_array_equal(out["params"][name], expected[name], err_msg=name)
 
 
 def test_differing_configs_raise_on_every_rank():
