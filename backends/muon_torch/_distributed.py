@@ -195,9 +195,14 @@ class Sharding:
         updates: a reduce to the owner (layer-wise, owned AdamW), a reduce-scatter of slices
         (ZeRO-1), an all-reduce (replicated AdamW). Afterwards `p.grad` is the average on the
         ranks that update `p` and None elsewhere; a missing gradient counts as zeros."""
-        pending = [self._launch_reduce(b) for b in self.buckets]
+        pending = []
+        for bucket in self.buckets:
+            self._mark("reduce", "issue", bucket)
+            pending.append(self._launch_reduce(bucket))
         for bucket, work, flat in pending:
+            self._mark("reduce", "wait", bucket)
             work.wait()
+            self._mark("reduce", "done", bucket)
             flat.div_(self.world_size)
             self._receive_gradients(bucket, flat)
 
@@ -263,12 +268,14 @@ class Sharding:
             params = [p for p in group["params"] if grads.get(p) is not None]
             if params:
                 work[id(group)] = (group, params)
+        self._mark("adamw", "start", None)
         for group, params in work.values():
             if group["algorithm"] == "adamw":
                 opt._adamw_step(group, params)
             elif self.shard == "zero1":
                 self._zero1_muon_step(group, params, {p: grads[p] for p in params},
                                       *settings[id(group)])
+        self._mark("adamw", "end", None)
         if self.shard == "zero1" or not self.overlap:
             if self.shard == "layerwise":
                 self._mark("ns", "start", None)
@@ -401,9 +408,7 @@ class Sharding:
                 self._mark("ns", "start", bucket)
                 compute(bucket)
                 self._mark("ns", "end", bucket)
-            flat = (_flatten(bucket.params, bucket.dtype) if bucket.owner == self.rank else
-                    torch.empty(sum(p.numel() for p in bucket.params), dtype=bucket.dtype,
-                                device=bucket.params[0].device))
+            flat = self._broadcast_buffer(bucket)
             self._mark("broadcast", "issue", bucket)
             work = dist.broadcast(flat, group_src=bucket.owner, group=self.group,
                                   async_op=True)
@@ -412,8 +417,19 @@ class Sharding:
             self._mark("broadcast", "wait", bucket)
             work.wait()
             self._mark("broadcast", "done", bucket)
-            if bucket.owner != self.rank:
+            if bucket.owner != self.rank and flat.data_ptr() != bucket.params[0].data_ptr():
                 _copy_from_flat(flat, [p.detach() for p in bucket.params])
+
+    def _broadcast_buffer(self, bucket: Bucket) -> torch.Tensor:
+        """What a bucket's broadcast sends or fills: a lone contiguous parameter itself (no
+        copy), else a flat concatenation (owner) or an empty buffer (the others)."""
+        first = bucket.params[0]
+        if len(bucket.params) == 1 and first.is_contiguous():
+            return first.detach().view(-1)
+        if bucket.owner == self.rank:
+            return _flatten(bucket.params, bucket.dtype)
+        return torch.empty(sum(p.numel() for p in bucket.params), dtype=bucket.dtype,
+                           device=first.device)
 
     # -- checkpoints ----------------------------------------------------------------------
 
@@ -584,8 +600,10 @@ def count_traffic(counter: TrafficCounter) -> Iterator[None]:
 def record_timeline(opt: Any) -> Iterator[list[tuple[float, str, str, int]]]:
     """Context manager: while open, the sharded `opt` (built with `process_group=`) appends
     `(time.perf_counter(), kind, event, bucket)` to the list it yields: kind "ns" (event
-    "start"/"end", the Newton-Schulz of one owned bucket, -1 for all at once) or "broadcast"
-    (event "issue"/"wait"/"done"); `bucket` indexes the optimizer's buckets."""
+    "start"/"end": the Newton-Schulz of one owned bucket, or of all at once, bucket -1),
+    "adamw" ("start"/"end": the AdamW step, and ZeRO-1's Muon step, bucket -1), "reduce"
+    (`reduce_gradients`) or "broadcast" ("issue"/"wait"/"done" of one bucket's collective);
+    `bucket` indexes the optimizer's buckets."""
     import contextlib
 
     sharding = getattr(opt, "_sharding", None)
