@@ -209,3 +209,61 @@ def test_checkpoint_from_four_ranks_resumes_on_two_and_one(tmp_path, shard):
         for name in SHAPES:
             error = np.max(np.abs(resumed[0]["params"][name] - expected[name]))
             assert error <= 1e-6 * np.max(np.abs(expected[name])), (world_size, name, error)
+
+
+def _one_rank_group_step(overlap, timeline):
+    """A 1-process gloo group: the layer-wise step with small buckets, recorded or not."""
+    import torch.distributed as dist
+
+    from muon_torch._distributed import make_buckets, record_timeline
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        params, grads = _inputs(1, 1)
+        named = [(n, torch.nn.Parameter(torch.tensor(p))) for n, p in params.items()]
+        opt = Muon(named, MuonConfig(ns_dtype="float32", rules=(GQA,)),
+                   process_group=dist.group.WORLD)
+        sharding = opt._sharding
+        sharding.overlap = overlap
+        sharding.buckets = make_buckets(list(opt._entries), lambda p: (0, False), limit=4096)
+        for (name, p) in named:
+            p.grad = torch.tensor(grads[0][0][name])
+        if timeline:
+            with record_timeline(opt) as events:
+                opt.reduce_gradients()
+                opt.step()
+        else:
+            opt.reduce_gradients()
+            opt.step()
+            events = None
+        assert sharding.events is None  # recording is off outside the context
+        return {n: p.detach().numpy().copy() for n, p in named}, events, len(sharding.buckets)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_overlapped_step_equals_serial_step_and_records_its_timeline():
+    overlapped, events, buckets = _one_rank_group_step(overlap=True, timeline=True)
+    serial, _, _ = _one_rank_group_step(overlap=False, timeline=False)
+    for name in SHAPES:
+        np.testing.assert_array_equal(overlapped[name], serial[name], err_msg=name)
+    times = [t for t, *_ in events]
+    assert times == sorted(times)
+    order = [(kind, event, bucket) for _, kind, event, bucket in events]
+    assert buckets > 2
+    for bucket in range(buckets):
+        issued = order.index(("broadcast", "issue", bucket))
+        assert order.index(("broadcast", "wait", bucket)) > issued
+        if ("ns", "end", bucket) in order:  # its Newton-Schulz ends before its broadcast
+            assert order.index(("ns", "end", bucket)) < issued
+    # the broadcasts are awaited after every Newton-Schulz: nothing blocks in between
+    last_ns = max(i for i, (kind, *_) in enumerate(order) if kind == "ns")
+    assert last_ns < min(i for i, (_, event, _) in enumerate(order) if event == "wait"
+                         and order[i][0] == "broadcast")
+
+
+def test_record_timeline_needs_a_group():
+    from muon_torch._distributed import record_timeline
+
+    with pytest.raises(ValueError, match="record_timeline needs a Muon built with"):
+        record_timeline(Muon([torch.nn.Parameter(torch.ones(4, 4))]))
