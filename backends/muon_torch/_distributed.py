@@ -164,6 +164,7 @@ class Sharding:
         self.owner = {p: self._owner_of(e) for p, e in opt._entries.items()}
         params = list(opt._entries)
         key = (lambda p: (self.owner[p], self.owner[p] is None))
+        self.bucket_bytes = bucket_bytes
         self.buckets = make_buckets(params, key, bucket_bytes)
         self._slices: dict[torch.Tensor, torch.Tensor] = {}  # reduced ZeRO-1 gradient slices
         self._new: dict[torch.Tensor, torch.Tensor] = {}  # ZeRO-1 slices after the step
@@ -348,15 +349,17 @@ class Sharding:
                 state[p].update(self._fresh_slices(p, group))
         bufs = [state[p]["momentum_buffer"] for p in params]
         _update_momentum([grads[p] for p in params], bufs, group)
-        directions = [_direction(grads[p], b, group).to(dtype) for p, b in zip(params, bufs)]
-        full = self._all_gather_slices(params, directions)
-        moments = self._whole_second_moments(params, group)
-        new = _apply_orthogonalized(self.opt._entries, group, full, schedule, moments)
-        for p in params:
-            bounds = slice(*self.bounds(p))
-            if _second_moment_sliced(group):
-                state[p][STATE_KEY] = moments[p][STATE_KEY].reshape(-1)[bounds].clone()
-            self._new[p] = new.pop(p).reshape(-1)[bounds].clone()
+        directions = {p: _direction(grads[p], b, group).to(dtype) for p, b in zip(params, bufs)}
+        # bucket by bucket, so that whole matrices are held for one bucket at a time
+        for chunk in make_buckets(params, lambda p: (None, True), self.bucket_bytes):
+            full = self._all_gather_slices(chunk.params, [directions[p] for p in chunk.params])
+            moments = self._whole_second_moments(chunk.params, group)
+            new = _apply_orthogonalized(self.opt._entries, group, full, schedule, moments)
+            for p in chunk.params:
+                bounds = slice(*self.bounds(p))
+                if _second_moment_sliced(group):
+                    state[p][STATE_KEY] = moments[p][STATE_KEY].reshape(-1)[bounds].clone()
+                self._new[p] = new.pop(p).reshape(-1)[bounds].clone()
 
     def _fresh_slices(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         """ZeRO-1 state before the first step: the momentum slice, and the second moment
