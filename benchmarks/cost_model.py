@@ -15,6 +15,7 @@ import argparse
 import math
 
 import muon_core
+from muon_cli.benchtools import gpt2_shapes
 
 
 def llama7b_shapes(n_layer: int = 32, d: int = 4096, ffn: int = 11008,
@@ -68,7 +69,7 @@ def main() -> None:
                         help="sustained Newton-Schulz throughput per rank, TFLOP/s")
     parser.add_argument("--ns-bytes", type=int, default=2, help="bytes per NS value (bf16: 2)")
     args = parser.parse_args()
-    models = {"GPT-2 small": muon_core.gpt2_shapes(), "7B-shaped": llama7b_shapes()}
+    models = {"GPT-2 small": gpt2_shapes(), "7B-shaped": llama7b_shapes()}
     for title, shapes in models.items():
         plan = muon_core.plan(shapes)
         print(f"\n{title}: {sum(math.prod(s) for s in shapes.values()) / 1e6:.0f}M values\n")

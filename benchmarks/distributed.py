@@ -4,10 +4,13 @@ Usage: python benchmarks/distributed.py [--world-sizes 1 2 4] [--steps 2] [--ns-
        [--n-layer 12] [--contenders layerwise zero1 zero1-adamw ddp-muon]
 
 For each world size, `torchrun --standalone` starts that many gloo processes on this machine;
-every rank builds the GPT-2-small parameter set (`muon_core.gpt2_shapes`) and runs, one after
-the other, each contender for one warm-up step and `--steps` timed steps on seeded random
-gradients (different on every rank). Gradients come out of a backward pass through a module
-whose loss is `sum(p * g)`, so DDP reduces them as in training. Every collective is counted by
+every rank builds the GPT-2-small parameter set (`muon_cli.benchtools.gpt2_shapes`, float32,
+no model)
+and runs one contender for one warm-up step and `--steps` timed steps on seeded random
+gradients (different on every rank); each (world size, contender) pair is a separate launch, so
+one process holds one contender's memory only. Gradients come out of a backward pass that
+draws them from a seeded generator (nothing is kept between steps), so DDP reduces them as in
+training. Every collective is counted by
 one `TrafficCounter` through `count_traffic`: ours, torch's ZeroRedundancyOptimizer, and DDP's
 gradient all-reduce (its default hook registered in Python, so the same wrapper sees it).
 Contenders:
@@ -17,7 +20,7 @@ Contenders:
 - `ddp-muon`: DDP + `Muon()` replicated on every rank.
 
 Rank 0 prints one JSON line per contender: bytes sent per step per rank, optimizer-state bytes
-(largest rank), step time (median over steps of the slowest rank), NS load max/mean.
+(largest rank), peak resident memory (largest rank), step time (median over steps of the slowest rank), NS load max/mean.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -35,18 +39,29 @@ CONTENDERS = ("layerwise", "zero1", "zero1-adamw", "ddp-muon")
 
 
 class LossOfGradients:
-    """A module whose loss `sum(p * g)` has gradient `g` for each parameter `p`."""
+    """A module whose backward gives each parameter a seeded random gradient, drawn in the
+    backward itself so that no gradient source stays in memory."""
 
     def __new__(cls, params):
         import torch
+
+        class SeededGradient(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, p, generator):
+                ctx.shape, ctx.generator = p.shape, generator
+                return p.new_zeros(())
+
+            @staticmethod
+            def backward(ctx, _):
+                return torch.randn(ctx.shape, generator=ctx.generator), None
 
         class Module(torch.nn.Module):
             def __init__(self) -> None:
                 super().__init__()
                 self.ps = torch.nn.ParameterList(params)
 
-            def forward(self, grads):
-                return sum((p * g).sum() for p, g in zip(self.ps, grads))
+            def forward(self, generator):
+                return sum(SeededGradient.apply(p, generator) for p in self.ps)
 
         return Module()
 
@@ -72,7 +87,7 @@ def _contender(name, named, config):
     if name in ("layerwise", "zero1"):
         opt = Muon(named, config, process_group=dist.group.WORLD, shard=name)
         return module, opt, opt.reduce_gradients, lambda: opt.state
-    ddp = DistributedDataParallel(module, bucket_cap_mb=32)
+    ddp = DistributedDataParallel(module, bucket_cap_mb=32, gradient_as_bucket_view=True)
     ddp.register_comm_hook(None, default_hooks.allreduce_hook)  # in Python: counted
     if name == "zero1-adamw":
         opt = ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, lr=1e-3)
@@ -82,21 +97,20 @@ def _contender(name, named, config):
 
 
 def worker(args: argparse.Namespace) -> None:
-    """One rank: every contender in turn on the same parameters and gradients."""
+    """One rank: the contenders in turn on the same parameters and gradients."""
     import torch
     import torch.distributed as dist
 
     import muon_core
+    from muon_cli.benchtools import gpt2_shapes
     from muon_torch._distributed import TrafficCounter, count_traffic
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=timedelta(seconds=600))
     rank, world = dist.get_rank(), dist.get_world_size()
-    shapes = muon_core.gpt2_shapes(n_layer=args.n_layer)
+    shapes = gpt2_shapes(n_layer=args.n_layer)
     config = muon_core.MuonConfig(ns_dtype="float32", ns_steps=args.ns_steps)
     load = muon_core.assign_owners(muon_core.plan(shapes, config), world).imbalance
-    generator = torch.Generator().manual_seed(1000 + rank)
-    grads = [torch.randn(s, generator=generator) for s in shapes.values()]
     for name in args.contenders:
         init = torch.Generator().manual_seed(0)
         named = [(n, torch.nn.Parameter(torch.randn(s, generator=init) * 0.02))
@@ -104,11 +118,12 @@ def worker(args: argparse.Namespace) -> None:
         counter = TrafficCounter(world)
         module, opt, reduce, state = _contender(name, named, config)
         times = []
+        generator = torch.Generator().manual_seed(1000 + rank)
         for step in range(args.steps + 1):
             dist.barrier()
             start = time.perf_counter()
             with count_traffic(counter):
-                module(grads).backward()
+                module(generator).backward()
                 reduce()
                 opt.step()
             elapsed = torch.tensor(time.perf_counter() - start)
@@ -120,11 +135,14 @@ def worker(args: argparse.Namespace) -> None:
                 times.append(float(elapsed))
         state_bytes = torch.tensor(_state_bytes(state()))
         dist.all_reduce(state_bytes, op=dist.ReduceOp.MAX)
+        peak = torch.tensor(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         if rank == 0:
             print(json.dumps({"world_size": world, "contender": name,
                               "sent_MB_per_step": counter.total / args.steps / 1e6,
                               "state_MB_per_rank": int(state_bytes) / 1e6,
-                              "step_s": statistics.median(times), "ns_load_max_mean": load}),
+                              "step_s": statistics.median(times), "ns_load_max_mean": load,
+                              "peak_rss_MB_per_rank": int(peak) * 1024 / 1e6}),
                   flush=True)
         del module, opt, named
     dist.destroy_process_group()
@@ -144,10 +162,12 @@ def main() -> None:
         worker(args)
         return
     for world in args.world_sizes:
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        f"--nproc-per-node={world}", __file__, "--worker", "--steps",
-                        str(args.steps), "--ns-steps", str(args.ns_steps), "--n-layer",
-                        str(args.n_layer), "--contenders", *args.contenders], check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        for name in args.contenders:  # one launch each: a process holds one contender
+            subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            f"--nproc-per-node={world}", __file__, "--worker", "--steps",
+                            str(args.steps), "--ns-steps", str(args.ns_steps), "--n-layer",
+                            str(args.n_layer), "--contenders", name], check=True,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
 if __name__ == "__main__":

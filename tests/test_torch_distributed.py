@@ -45,7 +45,17 @@ def _single_process(params, grads, config):
     return adapter.params(handle)
 
 
-def _check_equivalence(world_size, steps, shard, **options):
+def _state_size(entry, method, world_size, shard):
+    """Values of an entry's state summed over ranks: momentum, plus the second moment (whole
+    on every rank for NorMuon under ZeRO-1, sliced for AdaMuon)."""
+    numel = int(np.prod(entry.shape))
+    moment = {"none": 0, "adamuon": numel,
+              "normuon": int(np.prod(muon_core.second_moment_shape(entry, "normuon")))}[method]
+    copies = world_size if shard == "zero1" and method == "normuon" else 1
+    return numel + copies * moment
+
+
+def _check_equivalence(world_size, steps, shard, tolerance=1e-6, **options):
     config = MuonConfig(ns_dtype="float32", nonfinite="skip", rules=(GQA,), **options)
     params, grads = _inputs(world_size, steps, nan_at=1)
     outputs = run_torch_workers({"params": params, "grads": grads, "config": config.to_dict(),
@@ -56,15 +66,16 @@ def _check_equivalence(world_size, steps, shard, **options):
         for name in SHAPES:
             scale = np.max(np.abs(expected[name]))
             error = np.max(np.abs(out["params"][name] - expected[name])) / scale
-            assert error <= 1e-6, f"rank {rank} {name}: relative error {error:.2e}"
+            assert error <= tolerance, f"rank {rank} {name}: relative error {error:.2e}"
     plan = muon_core.plan(SHAPES, config)
     for entry in plan.muon:
         holders = [out["state_sizes"].get(entry.name, 0) for out in outputs]
-        numel = int(np.prod(entry.shape))
-        if shard == "layerwise":  # one rank keeps the whole momentum
-            assert sorted(holders) == [0] * (world_size - 1) + [numel], entry.name
-        else:  # every rank keeps its slice
-            assert sum(holders) == numel, entry.name
+        total = _state_size(entry, config.second_moment, world_size, shard)
+        if shard == "layerwise":  # one rank keeps the whole state
+            assert sorted(holders) == [0] * (world_size - 1) + [total], entry.name
+        else:  # every rank keeps its slices
+            assert sum(holders) == total, entry.name
+    return expected
 
 
 @pytest.mark.parametrize("shard", ["layerwise", "zero1"])
@@ -79,6 +90,36 @@ def test_two_ranks_equal_one_process(shard):
 def test_many_ranks_twenty_steps_equal_one_process(world_size, shard, nesterov):
     _check_equivalence(world_size, 20, shard, nesterov=nesterov,
                        momentum_kind="ema" if nesterov else "sum")
+
+
+ADAPTIVE = {"normuon": {"second_moment": "normuon"}, "adamuon": {"second_moment": "adamuon"},
+            "cautious": {"cautious_weight_decay": True, "lr": 0.05, "weight_decay": 0.5}}
+
+
+@pytest.mark.parametrize("variant", sorted(ADAPTIVE))
+@pytest.mark.parametrize("shard", ["layerwise", "zero1"])
+def test_adaptive_variants_on_two_ranks_equal_one_process(shard, variant):
+    expected = _check_equivalence(2, 3, shard, **ADAPTIVE[variant])
+    # the variant changes the trajectory, so the comparison above is not the plain one's
+    plain = {k: v for k, v in ADAPTIVE[variant].items() if k in ("lr", "weight_decay")}
+    config = MuonConfig(ns_dtype="float32", nonfinite="skip", rules=(GQA,), **plain)
+    baseline = _single_process(*_inputs(2, 3, nan_at=1), config)
+    assert not np.allclose(expected["h.0.mlp.fc.weight"], baseline["h.0.mlp.fc.weight"])
+
+
+@pytest.mark.parametrize("shard", ["layerwise", "zero1"])
+def test_bfloat16_newton_schulz_is_bit_identical_on_two_ranks(shard):
+    # Two ranks: the gloo sum of two float32 gradients, halved, is the float64 mean rounded
+    # once, so each parameter's owner (layer-wise) or every rank (ZeRO-1) runs the very
+    # arithmetic of one process, bfloat16 Newton-Schulz included.
+    config = MuonConfig(ns_dtype="bfloat16", rules=(GQA,))
+    params, grads = _inputs(2, 2)
+    outputs = run_torch_workers({"params": params, "grads": grads, "config": config.to_dict(),
+                                 "shard": shard}, 2)
+    expected = _single_process(params, grads, config)
+    for out in outputs:
+        for name in SHAPES:
+            np.testing.assert_array_equal(out["params"][name], expected[name], err_msg=name)
 
 
 def test_differing_configs_raise_on_every_rank():
@@ -168,3 +209,61 @@ def test_checkpoint_from_four_ranks_resumes_on_two_and_one(tmp_path, shard):
         for name in SHAPES:
             error = np.max(np.abs(resumed[0]["params"][name] - expected[name]))
             assert error <= 1e-6 * np.max(np.abs(expected[name])), (world_size, name, error)
+
+
+def _one_rank_group_step(overlap, timeline):
+    """A 1-process gloo group: the layer-wise step with small buckets, recorded or not."""
+    import torch.distributed as dist
+
+    from muon_torch._distributed import make_buckets, record_timeline
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        params, grads = _inputs(1, 1)
+        named = [(n, torch.nn.Parameter(torch.tensor(p))) for n, p in params.items()]
+        opt = Muon(named, MuonConfig(ns_dtype="float32", rules=(GQA,)),
+                   process_group=dist.group.WORLD)
+        sharding = opt._sharding
+        sharding.overlap = overlap
+        sharding.buckets = make_buckets(list(opt._entries), lambda p: (0, False), limit=4096)
+        for (name, p) in named:
+            p.grad = torch.tensor(grads[0][0][name])
+        if timeline:
+            with record_timeline(opt) as events:
+                opt.reduce_gradients()
+                opt.step()
+        else:
+            opt.reduce_gradients()
+            opt.step()
+            events = None
+        assert sharding.events is None  # recording is off outside the context
+        return {n: p.detach().numpy().copy() for n, p in named}, events, len(sharding.buckets)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_overlapped_step_equals_serial_step_and_records_its_timeline():
+    overlapped, events, buckets = _one_rank_group_step(overlap=True, timeline=True)
+    serial, _, _ = _one_rank_group_step(overlap=False, timeline=False)
+    for name in SHAPES:
+        np.testing.assert_array_equal(overlapped[name], serial[name], err_msg=name)
+    times = [t for t, *_ in events]
+    assert times == sorted(times)
+    order = [(kind, event, bucket) for _, kind, event, bucket in events]
+    assert buckets > 2
+    for bucket in range(buckets):
+        issued = order.index(("broadcast", "issue", bucket))
+        assert order.index(("broadcast", "wait", bucket)) > issued
+        if ("ns", "end", bucket) in order:  # its Newton-Schulz ends before its broadcast
+            assert order.index(("ns", "end", bucket)) < issued
+    # the broadcasts are awaited after every Newton-Schulz: nothing blocks in between
+    last_ns = max(i for i, (kind, *_) in enumerate(order) if kind == "ns")
+    assert last_ns < min(i for i, (_, event, _) in enumerate(order) if event == "wait"
+                         and order[i][0] == "broadcast")
+
+
+def test_record_timeline_needs_a_group():
+    from muon_torch._distributed import record_timeline
+
+    with pytest.raises(ValueError, match="record_timeline needs a Muon built with"):
+        record_timeline(Muon([torch.nn.Parameter(torch.ones(4, 4))]))

@@ -15,12 +15,16 @@ import dataclasses
 import hashlib
 import json
 import math
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import muon_core
 import torch
 import torch.distributed as dist
+
+from muon_torch._adaptive import (STATE_KEY, cautious_factor, ensure_second_moment,
+                                  second_moments)
 
 SHARD_MODES = ("layerwise", "zero1")
 DEFAULT_BUCKET_BYTES = 32 * 2**20
@@ -144,13 +148,6 @@ class Sharding:
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
         if shard not in SHARD_MODES:
             raise ValueError(f"shard={shard!r} is invalid: expected one of {list(SHARD_MODES)}")
-        adaptive = [g for g in opt.param_groups if g["algorithm"] == "muon" and (
-            g.get("second_moment", "none") != "none" or g.get("cautious_weight_decay"))]
-        if shard == "zero1" and adaptive:
-            raise ValueError(f"shard='zero1' with second_moment="
-                             f"{adaptive[0].get('second_moment')!r} or cautious_weight_decay="
-                             f"{adaptive[0].get('cautious_weight_decay')!r} is not supported "
-                             "yet: expected shard='layerwise' for these options")
         self.opt, self.shard, self.shard_adamw = opt, shard, shard_adamw
         self.group = resolve_group(process_group)
         self.rank = dist.get_rank(self.group)
@@ -167,9 +164,12 @@ class Sharding:
         self.owner = {p: self._owner_of(e) for p, e in opt._entries.items()}
         params = list(opt._entries)
         key = (lambda p: (self.owner[p], self.owner[p] is None))
+        self.bucket_bytes = bucket_bytes
         self.buckets = make_buckets(params, key, bucket_bytes)
         self._slices: dict[torch.Tensor, torch.Tensor] = {}  # reduced ZeRO-1 gradient slices
-        self._new: dict[torch.Tensor, torch.Tensor] = {}  # ZeRO-1 parameters after the step
+        self._new: dict[torch.Tensor, torch.Tensor] = {}  # ZeRO-1 slices after the step
+        self.overlap = True  # layer-wise: Newton-Schulz of a bucket while others broadcast
+        self.events: list[tuple[float, str, str, int]] | None = None  # see record_timeline
 
     def _owner_of(self, entry: muon_core.ParamPlan) -> int | None:
         """Group rank updating the parameter; None for a ZeRO-1 Muon parameter (every rank,
@@ -196,9 +196,14 @@ class Sharding:
         updates: a reduce to the owner (layer-wise, owned AdamW), a reduce-scatter of slices
         (ZeRO-1), an all-reduce (replicated AdamW). Afterwards `p.grad` is the average on the
         ranks that update `p` and None elsewhere; a missing gradient counts as zeros."""
-        pending = [self._launch_reduce(b) for b in self.buckets]
+        pending = []
+        for bucket in self.buckets:
+            self._mark("reduce", "issue", bucket)
+            pending.append(self._launch_reduce(bucket))
         for bucket, work, flat in pending:
+            self._mark("reduce", "wait", bucket)
             work.wait()
+            self._mark("reduce", "done", bucket)
             flat.div_(self.world_size)
             self._receive_gradients(bucket, flat)
 
@@ -259,18 +264,45 @@ class Sharding:
         self._slices.clear()
         if not usable:
             return
+        work = {}  # id(group) -> (group, parameters with a gradient)
         for group in opt.param_groups:
             params = [p for p in group["params"] if grads.get(p) is not None]
-            if not params:
-                continue
+            if params:
+                work[id(group)] = (group, params)
+        self._mark("adamw", "start", None)
+        for group, params in work.values():
             if group["algorithm"] == "adamw":
                 opt._adamw_step(group, params)
-            elif self.shard == "layerwise":
-                opt._muon_step([(group, params, *settings[id(group)])])
-            else:
+            elif self.shard == "zero1":
                 self._zero1_muon_step(group, params, {p: grads[p] for p in params},
                                       *settings[id(group)])
-        self._share_parameters()
+        self._mark("adamw", "end", None)
+        if self.shard == "zero1" or not self.overlap:
+            if self.shard == "layerwise":
+                self._mark("ns", "start", None)
+                self._owned_muon_step(work.values(), settings, None)
+                self._mark("ns", "end", None)
+            self._share_parameters()
+        else:
+            self._share_parameters(lambda bucket: self._owned_muon_step(
+                work.values(), settings, set(bucket.params)))
+
+    def _owned_muon_step(self, work: Any, settings: dict[int, tuple],
+                         only: set[torch.Tensor] | None) -> None:
+        """Layer-wise: momentum and Newton-Schulz of this rank's Muon parameters (those in
+        `only` when given, e.g. one bucket), batched by block shape as without a group."""
+        chosen = [(group, [p for p in params if only is None or p in only])
+                  for group, params in work if group["algorithm"] == "muon"]
+        chosen = [(group, params, *settings[id(group)]) for group, params in chosen if params]
+        if chosen:
+            self.opt._muon_step(chosen)
+
+    def _mark(self, kind: str, event: str, bucket: Bucket | None) -> None:
+        """Record `(time, kind, event, bucket index or -1)` when `record_timeline` is on."""
+        if self.events is not None:
+            index = -1 if bucket is None else next(
+                i for i, b in enumerate(self.buckets) if b is bucket)
+            self.events.append((time.perf_counter(), kind, event, index))
 
     def _agree_on_gradients(self, grads: dict[torch.Tensor, torch.Tensor | None]) -> bool:
         """One all-reduce of per-parameter flags (non-finite, has a gradient) so that every
@@ -304,21 +336,50 @@ class Sharding:
     def _zero1_muon_step(self, group: dict[str, Any], params: list[torch.Tensor],
                          grads: dict[torch.Tensor, torch.Tensor], dtype_name: str,
                          schedule: Any) -> None:
-        """Momentum on this rank's slices, the direction all-gathered whole for Newton-Schulz,
-        the new values kept for `_share_parameters` (which sends this rank's slice)."""
+        """Momentum on this rank's slices, the direction all-gathered whole for Newton-Schulz
+        and the second moment, this rank's slice of the new values kept for
+        `_share_parameters`."""
         from muon_torch._newton_schulz import ns_dtype
-        from muon_torch._optimizer import _update_momentum
+        from muon_torch._optimizer import _direction, _update_momentum
 
         dtype = ns_dtype(dtype_name, params[0].device)
         state = self.opt.state
         for p in params:
-            if not state[p]:
-                state[p]["momentum_buffer"] = torch.zeros_like(grads[p])
+            if "momentum_buffer" not in state[p]:
+                state[p].update(self._fresh_slices(p, group))
         bufs = [state[p]["momentum_buffer"] for p in params]
         _update_momentum([grads[p] for p in params], bufs, group)
-        directions = [_direction(grads[p], b, group).to(dtype) for p, b in zip(params, bufs)]
-        full = self._all_gather_slices(params, directions)
-        self._new.update(_apply_orthogonalized(self.opt._entries, group, full, schedule))
+        directions = {p: _direction(grads[p], b, group).to(dtype) for p, b in zip(params, bufs)}
+        # bucket by bucket, so that whole matrices are held for one bucket at a time
+        for chunk in make_buckets(params, lambda p: (None, True), self.bucket_bytes):
+            full = self._all_gather_slices(chunk.params, [directions[p] for p in chunk.params])
+            moments = self._whole_second_moments(chunk.params, group)
+            new = _apply_orthogonalized(self.opt._entries, group, full, schedule, moments)
+            for p in chunk.params:
+                bounds = slice(*self.bounds(p))
+                if _second_moment_sliced(group):
+                    state[p][STATE_KEY] = moments[p][STATE_KEY].reshape(-1)[bounds].clone()
+                self._new[p] = new.pop(p).reshape(-1)[bounds].clone()
+
+    def _fresh_slices(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """ZeRO-1 state before the first step: the momentum slice, and the second moment
+        (AdaMuon: this rank's slice; NorMuon: the whole per-row statistics, on every rank)."""
+        start, stop = self.bounds(p)
+        state = {"momentum_buffer": torch.zeros(stop - start, dtype=p.dtype, device=p.device)}
+        ensure_second_moment(state, p, self.opt._entries[p], group)
+        if _second_moment_sliced(group):
+            state[STATE_KEY] = state[STATE_KEY].reshape(-1)[start:stop].clone()
+        return state
+
+    def _whole_second_moments(self, params: list[torch.Tensor], group: dict[str, Any]
+                              ) -> dict[torch.Tensor, dict[str, torch.Tensor]]:
+        """Each parameter's second-moment state whole, as the step needs it: NorMuon's is
+        kept whole; AdaMuon's slices are all-gathered (a copy: the step writes it back)."""
+        state = self.opt.state
+        if not _second_moment_sliced(group):
+            return {p: state[p] for p in params}
+        whole = self._all_gather_slices(params, [state[p][STATE_KEY] for p in params])
+        return {p: {STATE_KEY: v.clone()} for p, v in whole.items()}
 
     def _all_gather_slices(self, params: list[torch.Tensor],
                            slices: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
@@ -332,47 +393,77 @@ class Sharding:
             out[p] = columns.reshape(-1)[:p.numel()].view(p.shape)
         return out
 
-    def _share_parameters(self) -> None:
-        """Broadcast owned parameters from their owners; all-gather ZeRO-1 slices."""
+    def _share_parameters(self, compute: Callable[[Bucket], None] | None = None) -> None:
+        """Broadcast owned parameters from their owners; all-gather ZeRO-1 slices. With
+        `compute`, each bucket this rank owns is first computed by `compute(bucket)`, while
+        the broadcasts already issued (this rank's and the receives from others) proceed."""
         pending = []
         for bucket in self.buckets:
             if bucket.owner == REPLICATED:
                 continue
             if bucket.sliced:
-                slices = [self._new.pop(p, p).detach().reshape(-1)[slice(*self.bounds(p))]
-                          for p in bucket.params]
+                slices = [self._new.pop(p) if p in self._new else
+                          p.detach().reshape(-1)[slice(*self.bounds(p))] for p in bucket.params]
                 for p, full in self._all_gather_slices(bucket.params, slices).items():
                     p.detach().copy_(full)
                 continue
-            flat = (_flatten(bucket.params, bucket.dtype) if bucket.owner == self.rank else
-                    torch.empty(sum(p.numel() for p in bucket.params), dtype=bucket.dtype,
-                                device=bucket.params[0].device))
+            if bucket.owner == self.rank and compute is not None:
+                self._mark("ns", "start", bucket)
+                compute(bucket)
+                self._mark("ns", "end", bucket)
+            flat = self._broadcast_buffer(bucket)
+            self._mark("broadcast", "issue", bucket)
             work = dist.broadcast(flat, group_src=bucket.owner, group=self.group,
                                   async_op=True)
             pending.append((bucket, work, flat))
         for bucket, work, flat in pending:
+            self._mark("broadcast", "wait", bucket)
             work.wait()
-            if bucket.owner != self.rank:
+            self._mark("broadcast", "done", bucket)
+            if bucket.owner != self.rank and flat.data_ptr() != bucket.params[0].data_ptr():
                 _copy_from_flat(flat, [p.detach() for p in bucket.params])
 
+    def _broadcast_buffer(self, bucket: Bucket) -> torch.Tensor:
+        """What a bucket's broadcast sends or fills: a lone contiguous parameter itself (no
+        copy), else a flat concatenation (owner) or an empty buffer (the others)."""
+        first = bucket.params[0]
+        if len(bucket.params) == 1 and first.is_contiguous():
+            return first.detach().view(-1)
+        if bucket.owner == self.rank:
+            return _flatten(bucket.params, bucket.dtype)
+        return torch.empty(sum(p.numel() for p in bucket.params), dtype=bucket.dtype,
+                           device=first.device)
+
     # -- checkpoints ----------------------------------------------------------------------
+
+    def _group_of(self, p: torch.Tensor) -> dict[str, Any]:
+        return next(g for g in self.opt.param_groups if any(q is p for q in g["params"]))
+
+    def _sliced_keys(self, p: torch.Tensor) -> tuple[str, ...]:
+        """The state of `p` this rank keeps as its ZeRO-1 slice (none outside ZeRO-1 Muon)."""
+        if self.owner[p] is not None:
+            return ()
+        return ("momentum_buffer", STATE_KEY) if _second_moment_sliced(self._group_of(p)) \
+            else ("momentum_buffer",)
 
     def _zero_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
         """A fresh state (what the first step would create), so that a template has it."""
         if self.opt._entries[p].is_muon:
-            return {"momentum_buffer": torch.zeros_like(p)}
+            state = {"momentum_buffer": torch.zeros_like(p)}
+            ensure_second_moment(state, p, self.opt._entries[p], self._group_of(p))
+            return state
         fused = any(g.get("fused") and any(q is p for q in g["params"])
                     for g in self.opt.param_groups)
         return {"step": torch.zeros((), device=p.device if fused else "cpu"),
                 "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
 
     def _full_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
-        """`p`'s state with whole tensors (ZeRO-1 momentum is all-gathered)."""
+        """`p`'s state with whole tensors (ZeRO-1 slices are all-gathered)."""
         state = self.opt.state[p] or self._zero_state(p)
-        if self.owner[p] is not None or "momentum_buffer" not in self.opt.state[p]:
-            return {k: v.detach().clone() for k, v in state.items()}
-        return {"momentum_buffer": self._all_gather_slices(
-            [p], [state["momentum_buffer"]])[p].clone()}
+        whole = {k: v.detach().clone() for k, v in state.items()}
+        for key in self._sliced_keys(p):  # collective: the same keys on every rank
+            whole[key] = self._all_gather_slices([p], [state[key]])[p].clone()
+        return whole
 
     def state_dict(self) -> dict[str, Any]:
         """Name-keyed state for `torch.distributed.checkpoint`: each rank holds the whole
@@ -381,8 +472,7 @@ class Sharding:
         zero1_muon = [p for p in self.opt._entries if self.owner[p] is None]
         for p in zero1_muon:  # the gather is collective: in the same order on every rank
             if not self.opt.state[p]:
-                self.opt.state[p]["momentum_buffer"] = torch.zeros(
-                    self.bounds(p)[1] - self.bounds(p)[0], dtype=p.dtype, device=p.device)
+                self.opt.state[p].update(self._fresh_slices(p, self._group_of(p)))
         state = {self.names[p]: self._full_state(p)
                  for p in self.opt._entries if self.updates(p)}
         groups = [{k: v for k, v in g.items() if k not in ("params", "param_names")}
@@ -401,24 +491,33 @@ class Sharding:
                 raise ValueError(f"the state dict has no state for parameter {name!r}: "
                                  "expected one saved by Muon(process_group=...).state_dict()")
             entry = {k: v.detach().clone() for k, v in saved[name].items()}
-            if self.owner[p] is None:
-                entry["momentum_buffer"] = entry["momentum_buffer"].reshape(-1)[
-                    slice(*self.bounds(p))].clone()
+            for key in self._sliced_keys(p):
+                entry[key] = entry[key].reshape(-1)[slice(*self.bounds(p))].clone()
             self.opt.state[p] = entry
         for group, hyper in zip(self.opt.param_groups, state_dict["param_groups"]):
             group.update({k: v for k, v in hyper.items() if k in group})
 
 
+def _second_moment_sliced(group: dict[str, Any]) -> bool:
+    """Whether ZeRO-1 keeps the group's second moment as slices (AdaMuon's, elementwise) rather
+    than whole on every rank (NorMuon's per-row statistics, `1/cols` of the momentum)."""
+    return group.get("second_moment", "none") == "adamuon"
+
+
 def _apply_orthogonalized(entries: dict, group: dict[str, Any],
-                          directions: dict[torch.Tensor, torch.Tensor],
-                          schedule: Any) -> dict[torch.Tensor, torch.Tensor]:
+                          directions: dict[torch.Tensor, torch.Tensor], schedule: Any,
+                          moments: dict[torch.Tensor, dict[str, Any]]
+                          ) -> dict[torch.Tensor, torch.Tensor]:
     """New values of each parameter (copies): weight decay, then minus the LR-scaled
-    Newton-Schulz of each block of its whole direction, one batched call per block shape."""
+    Newton-Schulz of each block of its whole direction (after the group's second moment,
+    which updates `moments[p]` in place), one batched call per block shape."""
     from muon_torch._newton_schulz import newton_schulz
     from muon_torch._optimizer import _add_block, _decay, _to_matrices
 
     new = {p: p.detach().clone() for p in directions}
-    _decay(list(new.values()), group)
+    cautious = cautious_factor(group)
+    if cautious is None:  # else decayed block by block after Newton-Schulz
+        _decay(list(new.values()), group)
     batches: dict[tuple[int, int], list[tuple]] = {}
     for p, direction in directions.items():
         entry = entries[p]
@@ -429,20 +528,12 @@ def _apply_orthogonalized(entries: dict, group: dict[str, Any],
         counts = [entry.matrix_shape[0] for _, entry, _, _ in blocks]
         stack = torch.cat([_to_matrices(directions[p], entry)[:, rows]
                            for p, entry, rows, _ in blocks])
-        updates = newton_schulz(stack, schedule, group["eps"], out=stack).split(counts)
+        updates = second_moments(newton_schulz(stack, schedule, group["eps"], out=stack)
+                                 .split(counts), [(moments[p], entry, rows, group)
+                                                  for p, entry, rows, _ in blocks])
         for (p, entry, rows, alpha), update in zip(blocks, updates):
-            _add_block(new[p], entry, rows, update, alpha)
+            _add_block(new[p], entry, rows, update, alpha, cautious)
     return new
-
-
-def _direction(grad: torch.Tensor, buf: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
-    """The direction to orthogonalize, elementwise on aligned slices: Nesterov EMA
-    `(1 - beta) g + beta m`, Nesterov sum `g + beta m`, else `m`."""
-    if not group["nesterov"]:
-        return buf
-    if group["momentum_kind"] == "ema":
-        return torch.lerp(grad, buf, group["momentum"])
-    return torch.add(grad, buf, alpha=group["momentum"])
 
 
 @dataclasses.dataclass
@@ -507,3 +598,27 @@ def count_traffic(counter: TrafficCounter) -> Iterator[None]:
                 setattr(dist, name, fn)
 
     return patched()
+
+
+def record_timeline(opt: Any) -> Iterator[list[tuple[float, str, str, int]]]:
+    """Context manager: while open, the sharded `opt` (built with `process_group=`) appends
+    `(time.perf_counter(), kind, event, bucket)` to the list it yields: kind "ns" (event
+    "start"/"end": the Newton-Schulz of one owned bucket, or of all at once, bucket -1),
+    "adamw" ("start"/"end": the AdamW step, and ZeRO-1's Muon step, bucket -1), "reduce"
+    (`reduce_gradients`) or "broadcast" ("issue"/"wait"/"done" of one bucket's collective);
+    `bucket` indexes the optimizer's buckets."""
+    import contextlib
+
+    sharding = getattr(opt, "_sharding", None)
+    if sharding is None:
+        raise ValueError("record_timeline needs a Muon built with process_group=...")
+
+    @contextlib.contextmanager
+    def recording() -> Iterator[list[tuple[float, str, str, int]]]:
+        sharding.events = []
+        try:
+            yield sharding.events
+        finally:
+            sharding.events = None
+
+    return recording()

@@ -130,19 +130,24 @@ def _to_matrices(x: torch.Tensor, entry: ParamPlan) -> torch.Tensor:
     return x.view(entry.view_shape).permute(entry.perm).reshape(entry.matrix_shape)
 
 
+def _direction(grad: torch.Tensor | None, buf: torch.Tensor, group: Mapping[str, Any],
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """The direction to orthogonalize from the updated momentum `m` (into `out` if given):
+    Nesterov's look-ahead `b g + a m`, `(a, b)` from `muon_core.momentum_coefficients` (EMA as a
+    lerp, sum with `b = 1`); else `m`. Elementwise, so it works on any aligned views."""
+    if not group["nesterov"]:
+        return buf if out is None else out.copy_(buf)
+    a, _ = muon_core.momentum_coefficients(group["momentum"], group["momentum_kind"])
+    if group["momentum_kind"] == "ema":
+        return torch.lerp(grad, buf, a, out=out)
+    return torch.add(grad, buf, alpha=a, out=out)
+
+
 def _write_direction(out: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor, entry: ParamPlan,
                      rows: slice, group: Mapping[str, Any]) -> None:
-    """Write the block `rows` of the direction to orthogonalize into `out` (in the NS dtype).
-
-    Nesterov looks one step ahead: EMA `(1 - beta) g + beta m`, sum `g + beta m`; else `m`.
-    """
-    momentum = _to_matrices(buf, entry)[:, rows]
-    if not group["nesterov"]:
-        out.copy_(momentum)
-    elif group["momentum_kind"] == "ema":
-        torch.lerp(_to_matrices(grad, entry)[:, rows], momentum, group["momentum"], out=out)
-    else:
-        torch.add(_to_matrices(grad, entry)[:, rows], momentum, alpha=group["momentum"], out=out)
+    """Write the block `rows` of the direction (`_direction`) into `out` (in the NS dtype)."""
+    grad_block = _to_matrices(grad, entry)[:, rows] if group["nesterov"] else None
+    _direction(grad_block, _to_matrices(buf, entry)[:, rows], group, out=out)
 
 
 def _add_block(param: torch.Tensor, entry: ParamPlan, rows: slice, update: torch.Tensor,
