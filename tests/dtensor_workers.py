@@ -77,12 +77,22 @@ def _local_shape(x: torch.Tensor) -> tuple[int, ...]:
     return tuple((x.to_local() if hasattr(x, "to_local") else x).shape)
 
 
+def _like(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """`full` placed like the DTensor `p` (replicated, then redistributed by DTensor itself,
+    which also knows FSDP's strided shards)."""
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    mesh = p.device_mesh
+    return distribute_tensor(full, mesh, [Replicate()] * mesh.ndim).redistribute(
+        mesh, p.placements)
+
+
 def run_case(case: dict) -> dict:
     """Step the sharded block and an unsharded copy `STEPS` times on the same gradients; the
     final parameters of both (whole tensors) and the local shapes of parameters and momentum."""
     from muon_core import MuonConfig
     from muon_torch import Muon
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor import DTensor
 
     torch.manual_seed(0)
     reference = Block()
@@ -97,8 +107,7 @@ def run_case(case: dict) -> dict:
         for name, p in reference.named_parameters():
             p.grad = grads[name].clone()
         for name, p in model.named_parameters():
-            p.grad = (distribute_tensor(grads[name], p.device_mesh, p.placements)
-                      if isinstance(p, DTensor) else grads[name].clone())
+            p.grad = (_like(grads[name], p) if isinstance(p, DTensor) else grads[name].clone())
         opt.step()
         plain.step()
     out["sharded"] = {n: (p.detach().full_tensor() if isinstance(p, DTensor) else p.detach())

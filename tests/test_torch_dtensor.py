@@ -84,7 +84,7 @@ def test_four_ranks_fsdp2_and_2x2_mesh_every_mode(four_ranks):
 
 
 def test_chunk_sizes_follow_torch_chunk():
-    for length in range(0, 13):
+    for length in range(1, 13):
         for parts in range(1, 6):
             pieces = [len(c) for c in torch.arange(length).chunk(parts)]
             sizes = muon_core.chunk_sizes(length, parts)
@@ -156,3 +156,33 @@ def test_dtensors_with_a_process_group_are_refused(one_process_group):
     mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("dp",))
     with pytest.raises(ValueError, match=r"parameter 'w' is a DTensor"):
         Muon([("w", _dtensor((4, 6), mesh, [Shard(0)]))], process_group=dist.group.WORLD)
+
+
+# -- the example script, under torchrun ----------------------------------------------------
+
+def _torchrun(ranks, *args):
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "fsdp_tp_torch.py"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc-per-node={ranks}", str(script), "--check", *args],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    found = re.search(r"largest relative difference from one process: (\S+)", done.stdout)
+    assert found, done.stdout
+    return float(found.group(1))
+
+
+def test_fsdp2_example_matches_one_process():
+    # float64 end to end: what remains is rounding of the sharded forward pass
+    assert _torchrun(2, "--layout", "fsdp", "--steps", "10") < 1e-10
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks, layout", [(2, "tp"), (4, "2d")])
+def test_tensor_parallel_example_matches_one_process(ranks, layout):
+    assert _torchrun(ranks, "--layout", layout, "--tp-mode", "distributed", "--steps", "10") \
+        < 1e-10
