@@ -16,6 +16,7 @@ from typing import Any
 from array_api_compat import array_namespace
 
 from muon_core._config import TP_MODES, MuonConfig
+from muon_core._ns import GRAM_MIN_ASPECT
 from muon_core._owners import ns_flops
 from muon_core._plan import ParamPlan, Plan, lr_scale, plan as make_plan
 from muon_core._reference import _muon_param, check_gradients, reference_step, step_allowed
@@ -126,15 +127,19 @@ class TPCost:
 
 
 def tp_cost(shape: tuple[int, int], tp: int, mode: str, split_axis: int, *, steps: int = 5,
-            value_bytes: int = 4) -> TPCost:
+            value_bytes: int = 4, algorithm: str = "gram") -> TPCost:
     """The cost model of each `tp_mode` for an (out, in) matrix split along `split_axis`
-    (0: column-parallel, 1: row-parallel) over `tp` ranks, `value_bytes` per value exchanged.
+    (0: column-parallel, 1: row-parallel) over `tp` ranks, `value_bytes` per value exchanged,
+    `algorithm` the config's `ns_algorithm`. m <= n are the matrix's sides.
 
     duplicated: one all-gather of the matrix, `(tp-1)/tp` of it sent per rank, and the whole
-    Newton-Schulz on every rank. distributed (split along the long axis, m <= n the sides):
-    per iteration one all-reduce of the m x m Gram matrix (`2 (tp-1)/tp` of it sent) plus the
-    norm's all-reduce of one float64; flops `steps (4 m² n / tp + 2 m³)`. blockwise: nothing
-    sent, Newton-Schulz of the largest local block.
+    Newton-Schulz on every rank. distributed (split along the long axis): with "gram" and
+    n >= 1.5 m (where one process takes the Gram form too), one
+    all-reduce of the m x m float32 Gram matrix (`2 (tp-1)/tp` of it sent) and flops
+    `4 m² n/tp + 2 m³ (4 steps - 3)` (the Gram form's m x m products run on every rank); with
+    "standard", per iteration one all-reduce of the Gram matrix plus one of the float64 norm,
+    and flops `steps (4 m² n / tp + 2 m³)`. blockwise: nothing sent, Newton-Schulz of the
+    largest local block.
     """
     if mode not in TP_MODES:
         raise ValueError(f"mode={mode!r} is invalid: expected one of {list(TP_MODES)}")
@@ -148,6 +153,10 @@ def tp_cost(shape: tuple[int, int], tp: int, mode: str, split_axis: int, *, step
     local[split_axis] = chunk_sizes(shape[split_axis], tp)[0]
     if mode == "blockwise":
         return TPCost(mode, 0.0, ns_flops(*local, steps))
-    m, n = sorted(shape)
+    m = min(shape)
+    n_local = local[split_axis]
+    if algorithm == "gram" and max(shape) >= GRAM_MIN_ASPECT * m:
+        return TPCost(mode, 2 * ring * m * m * max(value_bytes, 4),
+                      4 * m * m * n_local + 2 * m ** 3 * (4 * steps - 3))
     sent = steps * 2 * ring * m * m * value_bytes + 2 * ring * 8
-    return TPCost(mode, sent, steps * (4 * m * m * local[split_axis] + 2 * m ** 3))
+    return TPCost(mode, sent, steps * (4 * m * m * n_local + 2 * m ** 3))

@@ -87,6 +87,38 @@ def _like(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         mesh, p.placements)
 
 
+def _message(build) -> str:
+    try:
+        build()
+    except ValueError as error:
+        return str(error)
+    return "no error"
+
+
+def refusals(world_size: int) -> dict[str, str]:
+    """The error each unsupported layout raises at construction (on a mesh of `world_size`)."""
+    from muon_torch import Muon
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Shard
+
+    def param(shape, mesh, placements):
+        return nn.Parameter(DTensor.from_local(torch.randn(shape), mesh, placements,
+                                               run_check=False))
+
+    tp = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
+    out = {"partial": _message(lambda: Muon([("w", param((4, 6), tp, [Partial()]))])),
+           "blockwise conv": _message(lambda: Muon([("conv", param((2, 3, 3, 3), tp, [Shard(0)]))],
+                                                   tp_mode="blockwise"))}
+    if world_size == 4:
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "fsdp"))
+        out["two data-parallel"] = _message(lambda: Muon([("w", param((2, 3), mesh,
+                                                                      [Shard(0), Shard(1)]))]))
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+        out["interleaved"] = _message(lambda: Muon([("w", param((2, 3), mesh,
+                                                                [Shard(0), Shard(0)]))]))
+    return out
+
+
 def run_case(case: dict) -> dict:
     """Step the sharded block and an unsharded copy `STEPS` times on the same gradients; the
     final parameters of both (whole tensors) and the local shapes of parameters and momentum."""
@@ -130,7 +162,8 @@ def worker(rank: int, world_size: int, port: int, cases: list[dict], folder: str
     outputs = []
     for case in cases:
         try:
-            outputs.append(run_case(case))
+            outputs.append({"refusals": refusals(world_size)} if case.get("refusals")
+                           else run_case(case))
         except Exception as error:  # reported by the test, with the rank
             import traceback
 

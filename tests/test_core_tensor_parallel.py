@@ -70,10 +70,15 @@ def test_tp_cost_of_each_mode():
     duplicated = muon_core.tp_cost((rows, cols), tp, "duplicated", 1)
     assert duplicated.bytes_sent == 3 / 4 * rows * cols * 4  # ring all-gather of fp32 values
     assert duplicated.ns_flops == ns_flops(rows, cols, 5)
-    distributed = muon_core.tp_cost((rows, cols), tp, "distributed", 1)
+    standard = muon_core.tp_cost((rows, cols), tp, "distributed", 1, algorithm="standard")
     # per iteration: X Xᵀ and B X on the local 768 x 768 piece, A·A on the whole 768 x 768 Gram
-    assert distributed.ns_flops == 5 * (2 * 768 * 768 * 768 * 2 + 2 * 768 ** 3)
-    assert distributed.bytes_sent == 5 * 2 * 3 / 4 * 768 * 768 * 4 + 2 * 3 / 4 * 8
+    assert standard.ns_flops == 5 * (2 * 768 * 768 * 768 * 2 + 2 * 768 ** 3)
+    assert standard.bytes_sent == 5 * 2 * 3 / 4 * 768 * 768 * 4 + 2 * 3 / 4 * 8
+    gram = muon_core.tp_cost((rows, cols), tp, "distributed", 1)
+    # one all-reduce of the float32 Gram; X Xᵀ and Q X local; per step A², and but for the
+    # last P Q, A·A² and (.)·P: 5 + 3 * 4 = 17 products of 768 x 768 matrices
+    assert gram.bytes_sent == 2 * 3 / 4 * 768 * 768 * 4
+    assert gram.ns_flops == 2 * (2 * 768 * 768 * 768) + 17 * 2 * 768 ** 3
     blockwise = muon_core.tp_cost((rows, cols), tp, "blockwise", 1)
     assert (blockwise.bytes_sent, blockwise.ns_flops) == (0.0, ns_flops(768, 768, 5))
     # split along the short axis: "distributed" falls back to "duplicated"

@@ -17,10 +17,11 @@ pytestmark = [pytest.mark.torch]
 MODES = ("duplicated", "distributed", "blockwise")
 TP_AXIS = {f"{name}.weight": 0 if style == "colwise" else 1 for name, style in TP_PLAN.items()}
 FSDP = {"mesh": [2], "names": ["dp"]}
+REFUSALS = {"refusals": True}  # errors for layouts the step cannot route
 TWO_RANK_CASES = [FSDP] + [{"mesh": [2], "names": ["tp"], "config": {"tp_mode": m}}
-                           for m in MODES]
+                           for m in MODES] + [REFUSALS]
 FOUR_RANK_CASES = [{"mesh": [4], "names": ["dp"]}] + [
-    {"mesh": [2, 2], "names": ["dp", "tp"], "config": {"tp_mode": m}} for m in MODES]
+    {"mesh": [2, 2], "names": ["dp", "tp"], "config": {"tp_mode": m}} for m in MODES] + [REFUSALS]
 
 
 def _blockwise_definition(out, tp):
@@ -38,6 +39,8 @@ def _blockwise_definition(out, tp):
 def _check(outputs, cases, tp_size):
     for rank, per_case in enumerate(outputs):
         for case, out in zip(cases, per_case):
+            if case is REFUSALS:
+                continue
             assert "error" not in out, f"rank {rank} {case}: {out.get('error')}"
             blockwise = case.get("config", {}).get("tp_mode") == "blockwise"
             expected = _blockwise_definition(out, tp_size) if blockwise else out["plain"]
@@ -117,35 +120,32 @@ def _dtensor(shape, mesh, placements):
     return torch.nn.Parameter(DTensor.from_local(local, mesh, placements, run_check=False))
 
 
-def test_partial_placement_is_named(one_process_group):
+def test_unsupported_layouts_are_named(two_ranks):
+    refusals = two_ranks[0][-1]["refusals"]
+    assert "parameter 'w'" in refusals["partial"] and "Partial" in refusals["partial"]
+    assert "expected Shard or Replicate" in refusals["partial"]
+    assert "parameter 'conv'" in refusals["blockwise conv"]
+    assert "cannot be cut into blockwise pieces" in refusals["blockwise conv"]
+
+
+@pytest.mark.slow
+def test_unsupported_2d_layouts_are_named(four_ranks):
+    refusals = four_ranks[0][-1]["refusals"]
+    assert "more than one data-parallel mesh dimension" in refusals["two data-parallel"]
+    assert "placements (Shard(dim=0), Shard(dim=0))" in refusals["interleaved"]
+    assert "does not cut the tensor-parallel piece into contiguous shards" in \
+        refusals["interleaved"]
+
+
+def test_partial_placement_is_named_on_one_process(one_process_group):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Partial
 
     mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("dp",))
-    weight = _dtensor((4, 6), mesh, [Partial()])
     with pytest.raises(ValueError, match=r"parameter 'w'.*Partial.*expected Shard or Replicate"):
-        Muon([("w", weight)])
-
-
-def test_two_sharded_data_parallel_dimensions_are_refused(one_process_group):
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard
-
-    mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("dp", "fsdp"))
-    weight = _dtensor((4, 6), mesh, [Shard(0), Shard(1)])
-    with pytest.raises(ValueError, match=r"parameter 'w'.*more than one data-parallel"):
-        Muon([("w", weight)])
-
-
-def test_blockwise_refuses_a_matrix_it_cannot_cut(one_process_group):
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard
-
-    mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("tp",))
-    conv = _dtensor((4, 3, 3, 3), mesh, [Shard(0)])
-    with pytest.raises(ValueError, match=r"parameter 'conv'.*cannot be cut into blockwise"):
-        Muon([("conv", conv)], tp_mode="blockwise")
-    Muon([("conv", conv)], tp_mode="distributed")  # falls back to duplicated
+        Muon([("w", _dtensor((4, 6), mesh, [Partial()]))])
+    with pytest.raises(TypeError, match="tp_dim must be a mesh dimension name"):
+        Muon([("w", _dtensor((4, 6), mesh, [Partial()]))], tp_dim=0)
 
 
 def test_dtensors_with_a_process_group_are_refused(one_process_group):

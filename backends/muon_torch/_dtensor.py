@@ -20,6 +20,8 @@ import muon_core
 import torch
 import torch.distributed as dist
 from muon_core import ParamPlan, Plan
+from array_api_compat import array_namespace
+from muon_core._ns import gram_polynomial, uses_gram
 from muon_core._tensor_parallel import block_entry, chunk_sizes, is_plain_matrix
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
@@ -70,11 +72,11 @@ def layout_of(name: str, p: DTensor, tp_name: str) -> Layout:
     mesh, names = p.device_mesh, p.device_mesh.mesh_dim_names or ()
     tp = dp = None
     for dim, placement in enumerate(p.placements):
-        if isinstance(placement, Replicate):
-            continue
-        if not isinstance(placement, (Shard, _StridedShard)):
+        if not isinstance(placement, (Replicate, Shard, _StridedShard)):
             raise _placement_error(name, p, f"{placement} on mesh dimension {dim} is not "
                                    "supported: expected Shard or Replicate")
+        if isinstance(placement, Replicate) or mesh.size(dim) == 1:  # one piece: whole
+            continue
         is_tp = dim < len(names) and names[dim] == tp_name
         if is_tp and type(placement) is not Shard:
             raise _placement_error(name, p, f"the tensor-parallel dimension {tp_name!r} has "
@@ -127,18 +129,30 @@ def full_update(direction: torch.Tensor, entry: ParamPlan, group: dict[str, Any]
 
 
 def distributed_newton_schulz(local: torch.Tensor, axis: int, group: dist.ProcessGroup,
-                              schedule: Any, eps: float) -> torch.Tensor:
+                              schedule: Any, eps: float, gram_form: bool) -> torch.Tensor:
     """Newton-Schulz of a matrix split along its longer `axis` over `group`, each rank holding
-    `local`: the norm and each iteration's Gram matrix `X Xᵀ` (the short side) are sums of the
-    ranks' local products, all-reduced; everything else stays local. Returns the local piece."""
+    `local`; returns the local piece of the result. The Gram matrix `X Xᵀ` of the short side
+    is the sum of the ranks' local products. With `gram_form` (where one process takes the
+    Gram form: `muon_core`'s `uses_gram`) it is all-reduced once and every rank iterates on
+    it (its trace gives the norm); else the norm and each iteration's Gram matrix are."""
     x = local if axis == 1 else local.mT
-    squares = frobenius_norm(x).to(torch.float64).square()
-    dist.all_reduce(squares, group=group)
-    x = x / (squares.sqrt().to(x.dtype) * schedule.norm_scale).clamp_min(eps)
-    for a, b, c in schedule.coefficients:
-        gram = x @ x.mT
+    if gram_form:
+        wide = x.to(torch.promote_types(x.dtype, torch.float32))
+        gram = wide @ wide.mT
         dist.all_reduce(gram, group=group)
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        scale = (gram.diagonal().sum(dtype=torch.float64).sqrt() * schedule.norm_scale
+                 ).clamp_min(eps)
+        q = gram_polynomial(gram / scale.square().to(gram.dtype), schedule,
+                            xp=array_namespace(gram))
+        x = q.to(x.dtype) @ (x / scale.to(x.dtype))
+    else:
+        squares = frobenius_norm(x).to(torch.float64).square()
+        dist.all_reduce(squares, group=group)
+        x = x / (squares.sqrt().to(x.dtype) * schedule.norm_scale).clamp_min(eps)
+        for a, b, c in schedule.coefficients:
+            gram = x @ x.mT
+            dist.all_reduce(gram, group=group)
+            x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return x if axis == 1 else x.mT
 
 
@@ -339,7 +353,7 @@ class DTensorSharding:
                                group, schedule)
         if self.mode == "distributed" and distributes(entry, layout.tp_axis):
             local = distributed_newton_schulz(piece, layout.tp_axis, layout.tp_group, schedule,
-                                              group["eps"])
+                                              group["eps"], uses_gram(schedule, *entry.shape))
             return local * (-group["lr"] * entry.lr_scales[0])
         mesh, axis = layout.mesh, layout.tp_axis
         sizes = chunk_sizes(entry.shape[axis], mesh.size(layout.tp_dim))

@@ -184,6 +184,10 @@ class Muon(torch.optim.Optimizer):
     the optimizer over replicated parameters: `shard="layerwise"` (one owner rank per Muon
     parameter) or `"zero1"` (a flat slice per rank); `shard_adamw` shards AdamW moments by
     whole parameters (else replicated). See docs/distributed.md and `reduce_gradients`.
+
+    DTensor parameters (FSDP2's `fully_shard`, `parallelize_module`) need no process group:
+    the mesh dimension named `tp_dim` is tensor-parallel (`config.tp_mode`), a sharded other
+    dimension data-parallel (each matrix orthogonalized whole by one owner rank).
     """
 
     def __init__(self, params: Iterable[Any], config: MuonConfig | None = None, *,
