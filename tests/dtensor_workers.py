@@ -136,6 +136,8 @@ def run_case(case: dict) -> dict:
     plain = Muon(reference.named_parameters(), config)
     for step in range(STEPS):
         grads = _gradients(reference, step)
+        if step == case.get("nan_at"):  # in rank 0's shard only under FSDP: all must skip
+            grads["fc.weight"][0, 0] = float("nan")
         for name, p in reference.named_parameters():
             p.grad = grads[name].clone()
         for name, p in model.named_parameters():

@@ -238,7 +238,7 @@ class DTensorSharding:
         """One all-reduce over every rank of per-parameter flags (non-finite on this rank's
         shard, has a gradient), so that every rank steps, skips or raises together."""
         index = {p: i for i, p in enumerate(self.opt._entries)}
-        flags = torch.zeros(2, len(index))
+        flags = torch.zeros(2, len(index), device=next(iter(index)).device)  # NCCL: on device
         for p in params:
             grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
             flags[0, index[p]] = float(not bool(grad.isfinite().all()))
