@@ -22,6 +22,8 @@ from muon_core._owners import (OwnerTable, ShapeStack, assign_adamw_owners, assi
 from muon_core._plan import ParamPlan, Plan, lr_scale, plan
 from muon_core._qk_clip import QKClipConfig, QKRule, max_logits, qk_clip, qk_clip_scales
 from muon_core._registry import available_backends, load_backend
+from muon_core._tensor_parallel import (TP_MODES, TPCost, block_entry, blockwise_reference_step,
+                                        chunk_sizes, tp_cost)
 from muon_core._reference import (
     check_gradients,
     decay_factor,
@@ -53,6 +55,8 @@ __all__ = [
     "QKClipConfig",
     "QKRule",
     "Rule",
+    "TPCost",
+    "TP_MODES",
     "ShapeStack",
     "adamuon",
     "apply_second_moment",
@@ -60,7 +64,10 @@ __all__ = [
     "assign_owners",
     "auto_ns_dtype",
     "available_backends",
+    "block_entry",
+    "blockwise_reference_step",
     "check_gradients",
+    "chunk_sizes",
     "decay_factor",
     "decayed_param",
     "describe_ns_dtype",
@@ -97,4 +104,5 @@ __all__ = [
     "step_allowed",
     "to_matrices",
     "total_ns_flops",
+    "tp_cost",
 ]

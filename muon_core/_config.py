@@ -19,6 +19,7 @@ LR_SCALINGS = ("original", "match_rms_adamw", "spectral", "none")
 NONFINITE_POLICIES = ("raise", "skip")
 LAYOUTS = ("out_in", "in_out")
 SECOND_MOMENTS = ("none", "normuon", "adamuon")
+TP_MODES = ("duplicated", "distributed", "blockwise")
 
 
 def _fail(key: str, value: Any, expected: str) -> None:
@@ -188,6 +189,7 @@ class MuonConfig:
     rules: tuple[Rule, ...] = ()
     adamw: AdamWConfig = AdamWConfig()
     qk_clip: Any = None  # a muon_core.QKClipConfig (or its mapping) turns QK-clip on
+    tp_mode: str = "duplicated"  # tensor-parallel matrices: see docs/distributed.md
 
     def __post_init__(self) -> None:
         from muon_core._qk_clip import QKClipConfig
@@ -211,6 +213,7 @@ class MuonConfig:
         _check_choice("ns_algorithm", self.ns_algorithm, NS_ALGORITHMS)
         _check_choice("lr_scaling", self.lr_scaling, LR_SCALINGS)
         _check_choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
+        _check_choice("tp_mode", self.tp_mode, TP_MODES)
         object.__setattr__(self, "ns_coefficients", normalise_coefficients(self.ns_coefficients))
         ns_schedule(self.ns_coefficients, self.ns_steps)  # rejects unknown preset names
         adamw = self.adamw

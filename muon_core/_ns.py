@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from array_api_compat import array_namespace
+from array_api_compat import device as array_device
 
 KELLER = (3.4445, -4.7750, 2.0315)
 # You Jiacheng's per-iteration quintic schedule.
@@ -169,9 +170,15 @@ def _gram_iterations(x: Any, schedule: NSSchedule, xp: Any) -> Any:
     eigenvalues, which the iteration multiplies by about `a^2` per step until they overflow.
     """
     wide = x.dtype if x.dtype in (xp.float32, getattr(xp, "float64", None)) else xp.float32
-    eye = xp.eye(x.shape[-2], dtype=wide)
     wide_x = xp.astype(x, wide)
-    gram = wide_x @ _matrix_transpose(wide_x, xp)
+    return gram_polynomial(wide_x @ _matrix_transpose(wide_x, xp), schedule, xp=xp)
+
+
+def gram_polynomial(gram: Any, schedule: NSSchedule, *, xp: Any) -> Any:
+    """`Q` of the Gram form from `A = X X^T` of a normalised `X` (see `_gram_iterations`):
+    `Q X` is Newton-Schulz of `X`. Tensor-parallel ranks that sum their pieces' `X Xᵀ` share
+    one `A` and apply `Q` to their own columns."""
+    eye = xp.eye(gram.shape[-1], dtype=gram.dtype, device=array_device(gram))
     q = None
     last = len(schedule.coefficients) - 1
     for i, (a, b, c) in enumerate(schedule.coefficients):

@@ -36,6 +36,8 @@ def test_defaults_match_torch_optim_muon():
     ("ns_coefficients", "kellerr", "ns_coefficients='kellerr'"),
     ("ns_coefficients", [(1.0, 2.0)], "ns_coefficients="),
     ("nonfinite", "ignore", "nonfinite='ignore'"),
+    ("tp_mode", "sharded", "tp_mode='sharded' is invalid: expected one of ['duplicated', "
+                           "'distributed', 'blockwise']"),
     ("adamw", {"betas": (0.9, 1.0)}, "adamw.betas[1]=1.0"),
     ("adamw", {"eps": 0.0}, "adamw.eps=0.0"),
     ("rules", [{"match": "*", "algorithm": "sgd"}], "rule.algorithm='sgd'"),

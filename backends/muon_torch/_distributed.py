@@ -110,7 +110,8 @@ def _refuse_sharded_params(opt: Any) -> None:
         if isinstance(p, DTensor) or type(p).__name__ == "FlatParameter":
             raise ValueError(f"parameter {entry.name!r} is a {type(p).__name__} (FSDP/DTensor "
                              "sharded): process_group= shards the optimizer of replicated "
-                             "parameters and does not support sharded parameters yet")
+                             "parameters; for DTensor parameters (FSDP2, tensor parallel) "
+                             "leave process_group out, their mesh says how to route them")
 
 
 def _description(opt: Any, shard: str, shard_adamw: bool) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -22,6 +23,12 @@ from muon_torch._qk_clip import qk_clip as _qk_clip
 def _fused_adamw_supported(params: Iterable[torch.Tensor]) -> bool:
     devices = _get_fused_kernels_supported_devices()
     return all(p.device.type in devices and p.is_floating_point() for p in params)
+
+
+def _has_dtensors(params: Iterable[torch.Tensor]) -> bool:
+    """Whether any parameter is a DTensor (none can be before torch.distributed.tensor loads)."""
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    return dtensor is not None and any(isinstance(p, dtensor) for p in params)
 
 
 def _refuse_for_muon(entry: ParamPlan, problem: str) -> ValueError:
@@ -182,12 +189,16 @@ class Muon(torch.optim.Optimizer):
     the optimizer over replicated parameters: `shard="layerwise"` (one owner rank per Muon
     parameter) or `"zero1"` (a flat slice per rank); `shard_adamw` shards AdamW moments by
     whole parameters (else replicated). See docs/distributed.md and `reduce_gradients`.
+
+    DTensor parameters (FSDP2's `fully_shard`, `parallelize_module`) need no process group:
+    the mesh dimension named `tp_dim` is tensor-parallel (`config.tp_mode`), a sharded other
+    dimension data-parallel (each matrix orthogonalized whole by one owner rank).
     """
 
     def __init__(self, params: Iterable[Any], config: MuonConfig | None = None, *,
                  module_kinds: Mapping[str, str] | ModuleHints | None = None,
                  master_weights: bool = False, process_group: Any = None,
-                 shard: str | None = None, shard_adamw: bool = True,
+                 shard: str | None = None, shard_adamw: bool = True, tp_dim: str = "tp",
                  **overrides: Any) -> None:
         config = MuonConfig() if config is None else config
         if not isinstance(config, MuonConfig):
@@ -201,7 +212,7 @@ class Muon(torch.optim.Optimizer):
         self._module_kinds = as_hints(module_kinds)
         # Every parameter's plan entry, in the order the groups were added (the plan's order).
         self._entries: dict[torch.Tensor, ParamPlan] = {}
-        self._sharding = None
+        self._sharding = self._dtensors = None
         # torch's schedulers read `lr` and, to cycle momentum, `momentum` here; AdamW halves hold
         # `momentum=None` (beta1 from `betas`) until a scheduler writes their beta1 there.
         super().__init__(params, {"lr": self._lr_tensors.get("muon", self.config.lr),
@@ -213,6 +224,10 @@ class Muon(torch.optim.Optimizer):
         elif shard is not None:
             raise ValueError(f"shard={shard!r} needs a process_group: expected "
                              "Muon(..., process_group=pg, shard=...)")
+        elif _has_dtensors(self._entries):  # FSDP2 / tensor-parallel parameters
+            from muon_torch._dtensor import DTensorSharding
+
+            self._dtensors = DTensorSharding(self, tp_dim)
 
     @classmethod
     def for_model(cls, model: nn.Module, config: MuonConfig | None = None,
@@ -253,9 +268,11 @@ class Muon(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Route a user group's parameters and append its Muon half and its AdamW half."""
-        if getattr(self, "_sharding", None) is not None:
+        if getattr(self, "_sharding", None) is not None or \
+                getattr(self, "_dtensors", None) is not None:
             raise RuntimeError("add_param_group after construction is not supported with a "
-                               "process_group: the owner table is fixed at construction")
+                               "process_group or DTensor parameters: the owner table is fixed "
+                               "at construction")
         spec, lr_tensors = _take_tensor_lrs(param_group)
         user = parse_group(spec, self.config, len(self._entries),
                            f"param group {len(self.param_groups) // 2}")
@@ -338,8 +355,9 @@ class Muon(torch.optim.Optimizer):
                                 device=param.device, dtype=torch.float32, copy=True)
 
     def __getstate__(self) -> dict[str, Any]:
-        if self._sharding is not None:
-            raise TypeError("a Muon with a process_group cannot be pickled or deep-copied: "
+        if self._sharding is not None or self._dtensors is not None:
+            raise TypeError("a Muon with a process_group or DTensor parameters cannot be "
+                            "pickled or deep-copied: "
                             "save state_dict() with torch.distributed.checkpoint instead")
         return {**super().__getstate__(), "config": self.config, "_lr_tensors": self._lr_tensors,
                 "_master_weights": self._master_weights, "_module_kinds": self._module_kinds,
@@ -371,8 +389,8 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._sharding is not None:
-            self._sharding.step()
+        if self._sharding is not None or self._dtensors is not None:
+            (self._sharding or self._dtensors).step()
             return loss
         work = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
         muon = [(g, ps, *_ns_settings(g)) for g, ps in work if g["algorithm"] == "muon" and ps]
