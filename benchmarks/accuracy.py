@@ -19,6 +19,7 @@ import argparse
 import muon_core
 import numpy as np
 import torch
+from muon_cli.benchtools import polar_errors
 from muon_cli.data import VOCAB, char_windows, encode_chars, python_source_text
 from muon_cli.torch_models import CharGPT
 from muon_torch import Muon
@@ -54,21 +55,10 @@ def momentum_matrices(steps: int, width: int, seed: int = 0) -> dict[str, np.nda
     return out
 
 
-def kept_directions(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(U_k, V_k): singular vectors of `g` whose singular value is >= FLOOR * ||g||_F."""
-    u, s, vt = np.linalg.svd(g, full_matrices=False)
-    keep = s >= FLOOR * np.linalg.norm(g)
-    return u[:, keep], vt[keep].T
-
-
-def errors(g: np.ndarray, directions: tuple[np.ndarray, np.ndarray],
-           schedule: muon_core.NSSchedule) -> tuple[float, float, float]:
+def errors(g: np.ndarray, schedule: muon_core.NSSchedule) -> tuple[float, float, float]:
     """(min gain, max gain, spectral distance) of NS(g) in float32 on the kept directions."""
-    u_k, v_k = directions
     o = newton_schulz(torch.from_numpy(g).float(), schedule, 1e-7).double().numpy()
-    image = o @ v_k                              # O v_i for the kept directions
-    gains = np.linalg.svd(image, compute_uv=False)
-    return gains.min(), gains.max(), np.linalg.norm(image - u_k, 2)
+    return polar_errors(g, o, FLOOR)
 
 
 def table(kinds: dict[str, dict[str, np.ndarray]]) -> str:
@@ -76,11 +66,10 @@ def table(kinds: dict[str, dict[str, np.ndarray]]) -> str:
     lines = ["| matrices | schedule | algorithm | min sigma | max sigma | spectral distance |",
              "|---|---|---|---|---|---|"]
     for kind, mats in kinds.items():
-        directions = {name: kept_directions(g) for name, g in mats.items()}
         for label, coefficients, steps in SCHEDULES:
             for algorithm in ("standard", "gram"):
                 schedule = muon_core.ns_schedule(coefficients, steps, algorithm)
-                worst = [errors(g, directions[name], schedule) for name, g in mats.items()]
+                worst = [errors(g, schedule) for g in mats.values()]
                 lo = min(w[0] for w in worst)
                 hi = max(w[1] for w in worst)
                 dist = max(w[2] for w in worst)

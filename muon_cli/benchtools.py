@@ -77,3 +77,17 @@ def gpt2_shapes(n_layer: int = 12, d_model: int = 768, vocab: int = 50257,
                    p + "mlp.fc.weight": (4 * d, d), p + "mlp.fc.bias": (4 * d,),
                    p + "mlp.proj.weight": (d, 4 * d), p + "mlp.proj.bias": (d,)}
     return shapes | {"ln_f.weight": (d,), "ln_f.bias": (d,), "lm_head.weight": (vocab, d)}
+
+
+def polar_errors(g: Any, o: Any, floor: float = 1e-2) -> tuple[float, float, float]:
+    """How close `o` is to the exact polar factor U V^T of `g` (numpy arrays, float64 SVD), on
+    the directions whose singular value is at least `floor` times the Frobenius norm (below
+    that no five-step Newton-Schulz converges): (smallest and largest singular value of
+    `o V_k`, spectral distance ||(o - U V^T) V_k||_2)."""
+    import numpy as np
+
+    u, s, vt = np.linalg.svd(np.asarray(g, np.float64), full_matrices=False)
+    keep = s >= floor * np.linalg.norm(s)
+    image = np.asarray(o, np.float64) @ vt[keep].T
+    gains = np.linalg.svd(image, compute_uv=False)
+    return float(gains.min()), float(gains.max()), float(np.linalg.norm(image - u[:, keep], 2))

@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "batches), compare held-out loss and accuracy against training time, "
                           "and write loss.png and demo.json.")
     demo.add_argument("--backend", choices=("torch", "jax"), default="torch")
-    demo.add_argument("--steps", type=_positive_int, help="default: 100")
+    demo.add_argument("--steps", type=_positive_int, help="default: 60")
     demo.add_argument("--out", default="muon-demo", help="output folder (default: ./muon-demo)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--muon-lr", type=float, help="Muon's lr (default: the tuned value)")

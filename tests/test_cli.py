@@ -150,7 +150,7 @@ def test_summary_counts_steps_to_adamw_best():
     assert "1.5x fewer steps" in line and "0.6x less time" in line
     table = demo.format_table(summary)
     assert table.splitlines()[2].split() == ["muon", "0.1000", "0.1000", "95.0%", "20", "1.00",
-                                             "s", "1.50", "s"]
+                                             "s", "0.80", "s", "1.50", "s"]
 
 
 def test_speedup_line_says_when_muon_never_reaches_adamw_best():
@@ -288,3 +288,14 @@ def test_conformance_unknown_backend_is_one_line_listing_the_names(monkeypatch, 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "backend='nope' is not registered: expected one of" in err and "'numpy'" in err
+
+
+def test_polar_errors_of_exact_and_scaled_polar_factors():
+    from muon_cli.benchtools import polar_errors
+
+    g = np.random.default_rng(0).standard_normal((6, 9))
+    u, _, vt = np.linalg.svd(g, full_matrices=False)
+    # The exact polar factor U V^T has unit gains and distance 0; half of it has gains 1/2 and
+    # distance 1/2 (computed by hand from the definition).
+    np.testing.assert_allclose(polar_errors(g, u @ vt), (1.0, 1.0, 0.0), atol=1e-12)
+    np.testing.assert_allclose(polar_errors(g, 0.5 * u @ vt), (0.5, 0.5, 0.5), atol=1e-12)

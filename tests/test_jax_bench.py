@@ -37,13 +37,24 @@ def test_peer_routes_the_same_leaves_as_ours():
 
 def test_compare_rows():
     rows = bench.compare_on(TINY, rounds=1, threads=None)
-    assert [r["what"] for r in rows] == [
-        "jitted update, fp32 NS, same settings", "jitted update, fp32 NS, gram",
-        "jitted update, bf16 NS vs fp32", "jitted update, fp32 NS, our defaults (QKV split, gram)"]
+    assert [r["what"] for r in rows] == list(bench.ROWS)
     for row in rows:
         assert row["peer"] == "optax.contrib.muon"
         assert row["ours_s"] > 0 and row["peer_s"] > 0
         assert row["ratio"] == pytest.approx(row["ours_s"] / row["peer_s"])
+
+
+def test_accuracy_rows_cover_every_shape_and_contender():
+    rows = bench.accuracy_on(TINY)
+    shapes = {r["shape"] for r in rows}
+    # TINY's Muon matrices in torch layout: qkv 48x16, proj 16x16, fc 64x16, mlp.proj 16x64.
+    assert shapes == {(48, 16), (16, 16), (64, 16), (16, 64)}
+    contenders = {r["what"] for r in rows}
+    assert contenders == {bench.PEER} | {w for w, c in bench.ROWS.items() if not c.split_qkv}
+    for row in rows:
+        # Every five- or four-step schedule keeps the kept directions' gains within (0, 2).
+        assert 0.0 < row["min_sigma"] <= row["max_sigma"] < 2.0
+        assert row["distance"] < 1.0
 
 
 @pytest.mark.parametrize("change", [{"ns_coefficients": "quintic"}, {"momentum_kind": "sum"},

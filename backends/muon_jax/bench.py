@@ -11,10 +11,12 @@ import jax.numpy as jnp
 import muon_core
 import numpy as np
 import optax
-from muon_cli.benchtools import gpt2_shapes, interleaved_times, peer_schedule
+from optax.contrib._muon import orthogonalize_via_newton_schulz
+from muon_cli.benchtools import gpt2_shapes, interleaved_times, peer_schedule, polar_errors
 from muon_core import MuonConfig
 
 from muon_jax._plan import plan_for
+from muon_jax._ns import orthogonalize
 from muon_jax._transform import muon
 
 PEER = "optax.contrib.muon"
@@ -76,9 +78,16 @@ def _random(shapes: Mapping[str, tuple[int, ...]], seed: int) -> dict[str, jax.A
 
 def _timed_update(tx: optax.GradientTransformation, params: dict,
                   grads: dict) -> Callable[[], object]:
-    state = tx.init(params)
-    compiled = jax.jit(tx.update).lower(grads, state, params).compile()
-    return lambda: jax.block_until_ready(compiled(grads, state, params))
+    """A call of `tx`'s compiled update that donates its state and keeps the new one, as a
+    training loop does: no second copy of the state is alive during the update."""
+    state = [tx.init(params)]
+    compiled = jax.jit(tx.update, donate_argnums=1).lower(grads, state[0], params).compile()
+
+    def call() -> None:
+        updates, state[0] = compiled(grads, state[0], params)
+        jax.block_until_ready((updates, state[0]))
+
+    return call
 
 
 def _row(what: str, times: Mapping[str, float]) -> dict:
@@ -86,22 +95,59 @@ def _row(what: str, times: Mapping[str, float]) -> dict:
             "ratio": times["ours"] / times["peer"], "peer": PEER}
 
 
+# Our rows: the config each times against the peer at SETTINGS. quintic x4 is closer to the
+# polar factor than keller x5 on every shape (see `accuracy_on`), so it is no loss of accuracy.
+ROWS = {"jitted update, fp32 NS, same settings": SETTINGS,
+        "jitted update, fp32 NS, gram": SETTINGS.replace(ns_algorithm="gram"),
+        "jitted update, fp32 NS, gram, quintic x4": SETTINGS.replace(
+            ns_algorithm="gram", ns_coefficients="quintic", ns_steps=4),
+        "jitted update, fp32 NS, our defaults (QKV split, gram)":
+            SETTINGS.replace(split_qkv=True, ns_algorithm="gram")}
+
+
 def compare_on(shapes: Mapping[str, tuple[int, ...]], rounds: int = 5,
-               threads: int | None = 1) -> list[dict]:
-    """Timings on the torch-layout parameter set `shapes` (see `compare`)."""
+               threads: int | None = 1, rows: Mapping[str, MuonConfig] = ROWS) -> list[dict]:
+    """Timings on the torch-layout parameter set `shapes` (see `compare`): the peer and every
+    row of `rows` (default `ROWS`) interleaved in one run, so each ratio uses the same peer
+    samples."""
     pin_threads(threads)
     flax_shapes = in_out_shapes(shapes)
     params, grads = _random(flax_shapes, 0), _random(flax_shapes, 1)
-    peer = _timed_update(peer_transform(params, SETTINGS), params, grads)
-    rows = [("jitted update, fp32 NS, same settings", SETTINGS),
-            ("jitted update, fp32 NS, gram", SETTINGS.replace(ns_algorithm="gram")),
-            ("jitted update, bf16 NS vs fp32", SETTINGS.replace(ns_dtype="bfloat16")),
-            ("jitted update, fp32 NS, our defaults (QKV split, gram)",
-             SETTINGS.replace(split_qkv=True, ns_algorithm="gram"))]
-    return [_row(what, interleaved_times(
-                {"ours": _timed_update(muon(config), params, grads), "peer": peer},
-                rounds=rounds, warmup=1))
-            for what, config in rows]
+    contenders = {"peer": _timed_update(peer_transform(params, SETTINGS), params, grads)}
+    contenders |= {what: _timed_update(muon(config), params, grads)
+                   for what, config in rows.items()}
+    times = interleaved_times(contenders, rounds=rounds, warmup=1)
+    return [_row(what, {"ours": times[what], "peer": times["peer"]}) for what in rows]
+
+
+def _peer_orthogonalize(x: jax.Array, config: MuonConfig) -> jax.Array:
+    schedule = peer_schedule(config, PEER, PEER_CHOICES)
+    return orthogonalize_via_newton_schulz(
+        x, jnp.asarray(schedule.coefficients[0]), config.ns_steps, eps=config.eps)
+
+
+def accuracy_on(shapes: Mapping[str, tuple[int, ...]], seed: int = 0) -> list[dict]:
+    """Orthogonalization accuracy per Muon matrix shape of `shapes` (torch layout), on a
+    Gaussian matrix of each: the peer at SETTINGS and every row of `ROWS`, as
+    `muon_cli.benchtools.polar_errors` against the float64 polar factor, one dict per
+    (shape, contender): {"shape", "what", "min_sigma", "max_sigma", "distance"}."""
+    rng = np.random.default_rng(seed)
+    plan = plan_for({n: jax.ShapeDtypeStruct(s, jnp.float32)
+                     for n, s in in_out_shapes(shapes).items()}, SETTINGS)
+    matrix_shapes = sorted({(e.matrix_shape[1], e.matrix_shape[2]) for e in plan.muon})
+    rows = []
+    for shape in matrix_shapes:
+        g = rng.standard_normal(shape)
+        results = {PEER: _peer_orthogonalize(jnp.asarray(g, jnp.float32), SETTINGS)}
+        results |= {what: orthogonalize(jnp.asarray(g, jnp.float32), config.ns_steps,
+                                        config.ns_coefficients, config.eps, "float32",
+                                        config.ns_algorithm)
+                    for what, config in ROWS.items() if not config.split_qkv}
+        for what, o in results.items():
+            low, high, distance = polar_errors(g, np.asarray(o, np.float64))
+            rows.append({"shape": shape, "what": what, "min_sigma": low, "max_sigma": high,
+                         "distance": distance})
+    return rows
 
 
 def compare(rounds: int = 5, threads: int = 1) -> list[dict]:
