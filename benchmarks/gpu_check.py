@@ -323,7 +323,9 @@ def section_jax(device: torch.device, quick: bool, rounds: int) -> list[dict]:
     peer = _timed_update(peer_transform(params, SETTINGS), params, grads)
     rows = []
     for what, config in [("same settings (fp32 NS, standard)", SETTINGS),
-                         ("our defaults (auto dtype, gram, QKV split)", MuonConfig()),
+                         ("our defaults (ns_dtype and ns_algorithm auto, QKV split)",
+                          MuonConfig()),
+                         ("bf16 NS, standard", SETTINGS.replace(ns_dtype="bfloat16")),
                          ("fp32 NS, gram", SETTINGS.replace(ns_algorithm="gram"))]:
         if over_budget():
             log(f"jax {what}: skipped (budget)")
