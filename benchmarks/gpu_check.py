@@ -414,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         if over_budget():
             results["sections"][name] = {"error": f"skipped: past the {args.budget} s budget"}
             log(f"{name}: skipped (budget)")
+            save(results, args.out)
             continue
         log(f"--- {name}")
         try:
