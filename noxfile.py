@@ -77,7 +77,7 @@ def mutation(session: nox.Session, backend: str) -> None:
     """Mutation score of a backend under the conformance suite on a seeded sample of mutants
     (benchmarks/mutation.py, docs/conformance.md); arguments after `--` replace the defaults."""
     session.install("-r", "requirements/mutation.txt")
-    defaults = {"torch": ["--sample", "40", "--timeout", "400"],
+    defaults = {"torch": ["--sample", "24", "--timeout", "400"],
                 "jax": ["--sample", "10", "--timeout", "400", *JAX_MUTATION_CASES]}[backend]
     session.run("python", "benchmarks/mutation.py", "--backend", backend, "--seed", "0",
                 *(session.posargs or defaults), env={"OMP_NUM_THREADS": "1"})
