@@ -7,7 +7,7 @@ benchmark code the suite never runs); a seeded random sample of them is applied 
 past the timeout. muon_core and muon_conformance (the oracle) are never mutated.
 
     python benchmarks/mutation.py --backend torch --sample 40 --seed 0
-    python benchmarks/mutation.py --backend jax --sample 20 --checks trajectory,state,...
+    python benchmarks/mutation.py --backend jax --sample 10 --checks trajectory,state -k defaults
     python benchmarks/mutation.py --backend torch --rerun benchmarks/results/mutation-torch.jsonl
 
 Each mutant's outcome is appended to a JSON-lines file as soon as it is known; `--rerun FILE`
