@@ -7,6 +7,10 @@ nox.options.default_venv_backend = "venv"
 BACKENDS = ["numpy", "array_api_strict", "torch", "jax"]
 TORCH = ["torch==2.13.0"]
 JAX = ["jax==0.10.2", "jaxlib==0.10.2", "optax==0.2.8"]
+# The JAX mutation run's cases: one compiled program per config makes the whole suite too slow
+# to run once per mutant on a small machine (docs/conformance.md, mutation testing).
+JAX_MUTATION_CASES = ["--checks", "trajectory,routing,state,resume,bad_inputs,inputs_unchanged,"
+                      "qk_clip", "-k", "defaults or wrong_shape or fused_gqa"]
 
 
 @nox.session
@@ -65,6 +69,18 @@ def bench(session: nox.Session) -> None:
     """Side-by-side benchmarks against torch.optim.Muon and optax.contrib.muon."""
     session.install("-r", "requirements/test.txt")
     session.run("muon", "bench", *session.posargs)
+
+
+@nox.session
+@nox.parametrize("backend", ["torch", "jax"])
+def mutation(session: nox.Session, backend: str) -> None:
+    """Mutation score of a backend under the conformance suite on a seeded sample of mutants
+    (benchmarks/mutation.py, docs/conformance.md); arguments after `--` replace the defaults."""
+    session.install("-r", "requirements/mutation.txt")
+    defaults = {"torch": ["--sample", "24", "--timeout", "400"],
+                "jax": ["--sample", "10", "--timeout", "400", *JAX_MUTATION_CASES]}[backend]
+    session.run("python", "benchmarks/mutation.py", "--backend", backend, "--seed", "0",
+                *(session.posargs or defaults), env={"OMP_NUM_THREADS": "1"})
 
 
 def _tests(session: nox.Session, pattern: str) -> list[str]:

@@ -25,7 +25,9 @@ class BackendAdapter(Protocol):
     "float64" capability); the adapter must copy what it keeps and never modify them. A handle
     is whatever the adapter needs between calls (an optimizer, a pytree and its state, ...).
     Optional: `run_distributed(params, config, grads, world_size) -> params` for the
-    "distributed" capability, the final parameters after all steps on `world_size` workers;
+    "distributed" capability, the final parameters after all steps on `world_size` workers
+    (an adapter with several ways to distribute lists their names in `distributed_modes` and
+    takes `mode=NAME`; the check runs each);
     `qk_clip(handle, qk_max, config) -> handle` for the "qk_clip" capability, QK-clip with
     `qk_max` (attention layer name -> numpy per-head maxima) as `muon_core.qk_clip` does it.
     """

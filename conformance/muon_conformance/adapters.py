@@ -173,6 +173,10 @@ class TorchAdapter:
 
     name = "torch"
     capabilities = frozenset({BF16, FLOAT64, QK_CLIP, DISTRIBUTED})
+    # `Muon(process_group=...)` keywords of each way to distribute the step
+    DISTRIBUTED_MODES = {"layerwise": {"shard": "layerwise"}, "zero1": {"shard": "zero1"},
+                         "replicated_adamw": {"shard": "layerwise", "shard_adamw": False}}
+    distributed_modes = tuple(DISTRIBUTED_MODES)
 
     def __init__(self) -> None:
         self.muon_class = _require("muon_torch", "Muon", 'pip install "muon-core[torch]"')
@@ -233,11 +237,13 @@ class TorchAdapter:
 
 
     def run_distributed(self, params: Mapping[str, Any], config: MuonConfig,
-                        grads: Sequence[Mapping[str, Any]], world_size: int) -> dict:
-        """The final parameters after `grads` with `Muon(process_group=...)` (layer-wise
-        owners) on `world_size` gloo processes on 127.0.0.1, each seeing the same gradients."""
+                        grads: Sequence[Mapping[str, Any]], world_size: int,
+                        mode: str = "layerwise") -> dict:
+        """The final parameters after `grads` with `Muon(process_group=...)` on `world_size`
+        gloo processes on 127.0.0.1, each seeing the same gradients; `mode` names the sharding
+        (`DISTRIBUTED_MODES`: layer-wise owners, ZeRO-1 slices, AdamW replicated)."""
         payload = {"params": dict(params), "grads": [dict(g) for g in grads],
-                   "config": config.to_dict()}
+                   "config": config.to_dict(), **self.DISTRIBUTED_MODES[mode]}
         return run_torch_workers(payload, world_size)[0]["params"]
 
 

@@ -599,13 +599,16 @@ def check_inputs_unchanged(adapter: Any, _: Any, where: Where) -> None:
                                 needs=frozenset({DISTRIBUTED}), slow=slow)
                            for name, slow in (("defaults", False), ("sum_no_nesterov", True))])
 def check_distributed(adapter: Any, world_size: int, where: Where) -> None:
-    """`run_distributed` on 2 workers ends where the single-process reference does after
-    5 steps (float32)."""
+    """`run_distributed` on 2 workers, in each mode the adapter lists in `distributed_modes`
+    (or its only one), ends where the single-process reference does after 5 steps (float32)."""
     params, grads = seeded_inputs(where.tier, 5)
-    final = adapter.run_distributed(params, where.config, grads, world_size)
     expected = reference_trajectory(params, grads, where.config)[-1:]
-    where = dataclasses.replace(where, case=f"{where.case}, {world_size} workers")
-    compare_trajectory([final], expected, params, where.tol, where)
+    for mode in getattr(adapter, "distributed_modes", (None,)):
+        final = adapter.run_distributed(params, where.config, grads, world_size,
+                                        **({} if mode is None else {"mode": mode}))
+        named = dataclasses.replace(where, case=f"{where.case}, {world_size} workers"
+                                    + ("" if mode is None else f", mode {mode!r}"))
+        compare_trajectory([final], expected, params, where.tol, named)
 
 
 # -- QK-clip ----------------------------------------------------------------------------------
