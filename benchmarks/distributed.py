@@ -5,8 +5,7 @@ Usage: python benchmarks/distributed.py [--world-sizes 1 2 4] [--steps 2] [--ns-
 
 For each world size, `torchrun --standalone` starts that many gloo processes on this machine;
 every rank builds the GPT-2-small parameter set (`muon_cli.benchtools.gpt2_shapes`, float32,
-no model)
-and runs one contender for one warm-up step and `--steps` timed steps on seeded random
+no model) and runs one contender for one warm-up step and `--steps` timed steps on seeded random
 gradients (different on every rank); each (world size, contender) pair is a separate launch, so
 one process holds one contender's memory only. Gradients come out of a backward pass that
 draws them from a seeded generator (nothing is kept between steps), so DDP reduces them as in

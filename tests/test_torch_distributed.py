@@ -267,3 +267,23 @@ def test_record_timeline_needs_a_group():
 
     with pytest.raises(ValueError, match="record_timeline needs a Muon built with"):
         record_timeline(Muon([torch.nn.Parameter(torch.ones(4, 4))]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["normuon", "adamuon"])
+def test_zero1_second_moment_checkpoint_resumes_on_one_and_two(tmp_path, method):
+    config = MuonConfig(ns_dtype="float32", rules=(GQA,), second_moment=method)
+    params, grads = _inputs(2, 4)
+    expected = _single_process(params, grads, config)
+    folder = str(tmp_path / "checkpoint")
+    first = run_torch_workers({"params": params, "grads": grads[:2], "config": config.to_dict(),
+                               "shard": "zero1", "checkpoint": folder}, 2)
+    means = [{n: np.mean([g[n].astype(np.float64) for g in per_rank], axis=0).astype(np.float32)
+              for n in SHAPES} for per_rank in grads[2:]]
+    for world_size, shard in ((1, "layerwise"), (2, "zero1")):
+        resumed = run_torch_workers({"params": first[0]["params"], "grads": means,
+                                     "config": config.to_dict(), "shard": shard,
+                                     "resume": folder}, world_size)
+        for name in SHAPES:
+            error = np.max(np.abs(resumed[0]["params"][name] - expected[name]))
+            assert error <= 1e-6 * np.max(np.abs(expected[name])), (world_size, name, error)
