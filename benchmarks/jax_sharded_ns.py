@@ -5,7 +5,7 @@ Usage: python benchmarks/jax_sharded_ns.py [--devices 1 2 4 8] [--params replica
 
 For each device count a fresh interpreter (the device count is fixed when JAX starts; the
 interpreters run side by side, nothing is timed) compiles
-one update of the GPT-2 small parameter set (`muon_core.gpt2_shapes`, float32) for abstract
+one update of the GPT-2 small parameter set (`muon_cli.benchtools.gpt2_shapes`, float32) for abstract
 inputs, with the parameters replicated (data parallel) or sharded along their first divisible
 axis (FSDP), and reads the compiled per-device HLO:
 
@@ -104,7 +104,8 @@ def _worker(ns_dtype: str, kinds: list[str]) -> None:
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
     import muon_jax
-    from muon_core import MuonConfig, gpt2_shapes, plan
+    from muon_cli.benchtools import gpt2_shapes
+    from muon_core import MuonConfig, plan
 
     n = jax.device_count()
     shapes = gpt2_shapes()
