@@ -226,6 +226,8 @@ def train_both(settings: Settings, progress: bool | None = None,
     """Both optimizers' curves. With two or more cores each trains in its own fresh process,
     side by side, one thread each: both see the same load at the same time, and the demo
     takes the time of one run. On one core they run one after the other."""
+    import tqdm.auto  # noqa: F401  (a missing extra fails here, not inside a worker)
+
     data = data or demo_data(settings)
     if (os.cpu_count() or 1) < 2:
         return {name: _run_one(settings.backend, name, settings, progress, data)
