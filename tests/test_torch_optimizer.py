@@ -282,8 +282,10 @@ def test_plan_footer_shows_the_ns_dtype_auto_picks():
     plan_text = str(Muon(named_params({"w": (3, 3)})).plan)
     chosen, reason = muon_core.auto_ns_dtype(device_facts(torch.device("cpu")))
     assert f"Newton-Schulz in {chosen} (ns_dtype='auto': {reason})" in plan_text
+    assert str(Muon(named_params({"w": (3, 3)}), ns_dtype="float32", ns_algorithm="gram").plan
+               ).endswith("; Newton-Schulz in float32")
     assert str(Muon(named_params({"w": (3, 3)}), ns_dtype="float32").plan).endswith(
-        "; Newton-Schulz in float32")
+        "; Newton-Schulz in float32, gram iteration (ns_algorithm='auto')")
 
 
 # -- state_dict, schedulers, compile -----------------------------------------------------------

@@ -26,9 +26,8 @@ from muon_core._tensor_parallel import block_entry, chunk_sizes, is_plain_matrix
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
-from muon_torch._distributed import _direction
 from muon_torch._newton_schulz import frobenius_norm, newton_schulz, ns_dtype
-from muon_torch._optimizer import (_add_block, _decay, _ns_settings, _to_matrices,
+from muon_torch._optimizer import (_add_block, _decay, _direction, _ns_settings, _to_matrices,
                                    _update_momentum)
 
 DEFAULT_TP_DIM = "tp"
@@ -353,7 +352,8 @@ class DTensorSharding:
                                group, schedule)
         if self.mode == "distributed" and distributes(entry, layout.tp_axis):
             local = distributed_newton_schulz(piece, layout.tp_axis, layout.tp_group, schedule,
-                                              group["eps"], uses_gram(schedule, *entry.shape))
+                                              group["eps"], uses_gram(schedule, *entry.shape,
+                                                                    piece.dtype == torch.bfloat16))
             return local * (-group["lr"] * entry.lr_scales[0])
         mesh, axis = layout.mesh, layout.tp_axis
         sizes = chunk_sizes(entry.shape[axis], mesh.size(layout.tp_dim))
