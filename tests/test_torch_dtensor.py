@@ -18,8 +18,27 @@ MODES = ("duplicated", "distributed", "blockwise")
 TP_AXIS = {f"{name}.weight": 0 if style == "colwise" else 1 for name, style in TP_PLAN.items()}
 FSDP = {"mesh": [2], "names": ["dp"], "config": {"nonfinite": "skip"}, "nan_at": 3}
 REFUSALS = {"refusals": True}  # errors for layouts the step cannot route
+# second moments and cautious decay, against one process with them and one without them;
+# q.weight has a zero gradient at every step under NorMuon (no NaN may appear)
+OPTIONS = {"fsdp normuon": {"mesh": [2], "names": ["dp"], "baseline": True, "zero": "q.weight",
+                            "config": {"second_moment": "normuon"}},
+           "fsdp adamuon": {"mesh": [2], "names": ["dp"], "baseline": True,
+                            "config": {"second_moment": "adamuon"}},
+           "fsdp cautious": {"mesh": [2], "names": ["dp"], "baseline": True,
+                             "config": {"cautious_weight_decay": True}},
+           "tp duplicated normuon": {"mesh": [2], "names": ["tp"], "baseline": True,
+                                     "config": {"tp_mode": "duplicated",
+                                                "second_moment": "normuon"}},
+           "tp distributed adamuon cautious": {
+               "mesh": [2], "names": ["tp"], "baseline": True,
+               "config": {"tp_mode": "distributed", "second_moment": "adamuon",
+                          "cautious_weight_decay": True}},
+           # gradients of the Muon matrices around 1e20: their Gram products overflow float32
+           # unless the pieces agree on the power-of-two pre-scale
+           "tp distributed huge": {"mesh": [2], "names": ["tp"], "scale": 1e20,
+                                   "config": {"tp_mode": "distributed"}}}
 TWO_RANK_CASES = [FSDP] + [{"mesh": [2], "names": ["tp"], "config": {"tp_mode": m}}
-                           for m in MODES] + [REFUSALS]
+                           for m in MODES] + list(OPTIONS.values()) + [REFUSALS]
 FOUR_RANK_CASES = [{"mesh": [4], "names": ["dp"]}] + [
     {"mesh": [2, 2], "names": ["dp", "tp"], "config": {"tp_mode": m}} for m in MODES] + [REFUSALS]
 
@@ -75,6 +94,37 @@ def test_tensor_parallel_two_ranks(two_ranks, mode):
     _check([[per[index]] for per in two_ranks], [TWO_RANK_CASES[index]], 2)
 
 
+def _option_outputs(two_ranks, name):
+    index = TWO_RANK_CASES.index(OPTIONS[name])
+    return [per[index] for per in two_ranks]
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_options_two_ranks_equal_one_process(two_ranks, name):
+    outputs = _option_outputs(two_ranks, name)
+    _check([[out] for out in outputs], [OPTIONS[name]], 2)
+    for out in outputs:
+        assert all(np.isfinite(v).all() for v in out["sharded"].values()), name
+    if OPTIONS[name].get("baseline"):  # the option acts: plain Muon ends elsewhere
+        assert max(relative_error(out["plain"][n], out["baseline"][n])
+                   for n in TP_AXIS) > 1e-3, name
+
+
+@pytest.mark.parametrize("name", [n for n in OPTIONS if "second_moment" in OPTIONS[n]["config"]])
+def test_second_moment_lives_with_the_owner_and_is_saved(two_ranks, name):
+    outputs = _option_outputs(two_ranks, name)
+    fsdp = OPTIONS[name]["names"] == ["dp"]
+    for matrix in TP_AXIS:
+        holders = [out["moments"][matrix] for out in outputs if matrix in out["moments"]]
+        # FSDP: one owner rank holds it whole; tensor parallel ("duplicated", and "distributed"
+        # with a second moment): every TP rank holds it whole
+        assert len(holders) == (1 if fsdp else 2), (name, matrix, len(holders))
+        for moment in holders:
+            expected = outputs[0]["plain moments"][matrix]
+            assert moment.shape == expected.shape, (name, matrix)
+            assert relative_error(moment, expected) <= 1e-5, (name, matrix)
+
+
 def test_blockwise_is_a_different_algorithm(two_ranks):
     blockwise = two_ranks[0][1 + MODES.index("blockwise")]
     assert relative_error(blockwise["sharded"]["fc.weight"], blockwise["plain"]["fc.weight"]) > 1e-2
@@ -126,6 +176,10 @@ def test_unsupported_layouts_are_named(two_ranks):
     assert "expected Shard or Replicate" in refusals["partial"]
     assert "parameter 'conv'" in refusals["blockwise conv"]
     assert "cannot be cut into blockwise pieces" in refusals["blockwise conv"]
+    for option in ("normuon", "cautious"):
+        message = refusals[f"blockwise {option}"]
+        assert "parameter 'w'" in message and "tp_mode='blockwise'" in message, message
+        assert "not defined for blockwise Muon" in message, message
 
 
 @pytest.mark.slow
