@@ -180,6 +180,8 @@ def run_case(case: dict) -> dict:
         opt.step()
         for one, _ in pairs:
             one.step()
+        if step == STEPS // 2 and case.get("reload"):  # the state survives its own state dict
+            opt.load_state_dict(copy.deepcopy(opt.state_dict()))
     if case.get("baseline"):
         out["baseline"] = {n: p.detach().numpy() for n, p in baseline.named_parameters()}
     out["moments"] = _saved_moments(opt, model)

@@ -19,16 +19,22 @@ TP_AXIS = {f"{name}.weight": 0 if style == "colwise" else 1 for name, style in T
 FSDP = {"mesh": [2], "names": ["dp"], "config": {"nonfinite": "skip"}, "nan_at": 3}
 REFUSALS = {"refusals": True}  # errors for layouts the step cannot route
 # second moments and cautious decay, against one process with them and one without them;
-# q.weight has a zero gradient at every step under NorMuon (no NaN may appear)
+# q.weight has a zero gradient at every step under NorMuon (no NaN may appear); `reload`:
+# opt.load_state_dict(opt.state_dict()) halfway
 OPTIONS = {"fsdp normuon": {"mesh": [2], "names": ["dp"], "baseline": True, "zero": "q.weight",
+                            "reload": True,
                             "config": {"second_moment": "normuon"}},
-           "fsdp adamuon": {"mesh": [2], "names": ["dp"], "baseline": True,
+           "fsdp adamuon": {"mesh": [2], "names": ["dp"], "baseline": True, "reload": True,
                             "config": {"second_moment": "adamuon"}},
            "fsdp cautious": {"mesh": [2], "names": ["dp"], "baseline": True,
                              "config": {"cautious_weight_decay": True}},
            "tp duplicated normuon": {"mesh": [2], "names": ["tp"], "baseline": True,
                                      "config": {"tp_mode": "duplicated",
                                                 "second_moment": "normuon"}},
+           "tp distributed normuon": {"mesh": [2], "names": ["tp"], "baseline": True,
+                                      "reload": True,
+                                      "config": {"tp_mode": "distributed",
+                                                 "second_moment": "normuon"}},
            "tp distributed adamuon cautious": {
                "mesh": [2], "names": ["tp"], "baseline": True,
                "config": {"tp_mode": "distributed", "second_moment": "adamuon",
@@ -40,7 +46,10 @@ OPTIONS = {"fsdp normuon": {"mesh": [2], "names": ["dp"], "baseline": True, "zer
 TWO_RANK_CASES = [FSDP] + [{"mesh": [2], "names": ["tp"], "config": {"tp_mode": m}}
                            for m in MODES] + list(OPTIONS.values()) + [REFUSALS]
 FOUR_RANK_CASES = [{"mesh": [4], "names": ["dp"]}] + [
-    {"mesh": [2, 2], "names": ["dp", "tp"], "config": {"tp_mode": m}} for m in MODES] + [REFUSALS]
+    {"mesh": [2, 2], "names": ["dp", "tp"], "config": {"tp_mode": m}} for m in MODES] + [
+    {"mesh": [2, 2], "names": ["dp", "tp"], "reload": True,
+     "config": {"tp_mode": "distributed", "second_moment": "adamuon",
+                "cautious_weight_decay": True}}, REFUSALS]
 
 
 def _blockwise_definition(out, tp):
@@ -110,19 +119,30 @@ def test_options_two_ranks_equal_one_process(two_ranks, name):
                    for n in TP_AXIS) > 1e-3, name
 
 
+def _expected_moment(whole, matrix, case, rank):
+    """This rank's part of one process's second moment: whole with the owner (FSDP) and under
+    "duplicated"; under "distributed" (except `odd`, cut along its short axis: "duplicated")
+    AdaMuon's piece of the matrix, NorMuon's own rows when the rows are cut."""
+    config = case["config"]
+    if config.get("tp_mode") != "distributed" or matrix == "odd.weight":
+        return whole
+    if config["second_moment"] == "adamuon":
+        return np.array_split(whole, 2, axis=TP_AXIS[matrix])[rank]
+    return np.array_split(whole, 2, axis=1)[rank] if TP_AXIS[matrix] == 0 else whole
+
+
 @pytest.mark.parametrize("name", [n for n in OPTIONS if "second_moment" in OPTIONS[n]["config"]])
 def test_second_moment_lives_with_the_owner_and_is_saved(two_ranks, name):
-    outputs = _option_outputs(two_ranks, name)
-    fsdp = OPTIONS[name]["names"] == ["dp"]
+    case, outputs = OPTIONS[name], _option_outputs(two_ranks, name)
     for matrix in TP_AXIS:
-        holders = [out["moments"][matrix] for out in outputs if matrix in out["moments"]]
-        # FSDP: one owner rank holds it whole; tensor parallel ("duplicated", and "distributed"
-        # with a second moment): every TP rank holds it whole
-        assert len(holders) == (1 if fsdp else 2), (name, matrix, len(holders))
-        for moment in holders:
-            expected = outputs[0]["plain moments"][matrix]
-            assert moment.shape == expected.shape, (name, matrix)
-            assert relative_error(moment, expected) <= 1e-5, (name, matrix)
+        holders = [rank for rank, out in enumerate(outputs) if matrix in out["moments"]]
+        # FSDP: the one owner rank; tensor parallel: every TP rank
+        assert len(holders) == (1 if case["names"] == ["dp"] else 2), (name, matrix, holders)
+        for rank in holders:
+            moment = outputs[rank]["moments"][matrix]
+            expected = _expected_moment(outputs[0]["plain moments"][matrix], matrix, case, rank)
+            assert moment.shape == expected.shape, (name, matrix, rank)
+            assert relative_error(moment, expected) <= 1e-5, (name, matrix, rank)
 
 
 def test_blockwise_is_a_different_algorithm(two_ranks):
@@ -210,6 +230,19 @@ def test_dtensors_with_a_process_group_are_refused(one_process_group):
     mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("dp",))
     with pytest.raises(ValueError, match=r"parameter 'w' is a DTensor"):
         Muon([("w", _dtensor((4, 6), mesh, [Shard(0)]))], process_group=dist.group.WORLD)
+
+
+def test_portable_checkpoints_refuse_dtensor_state(one_process_group, tmp_path):
+    import muon_torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+
+    mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("dp",))
+    opt = Muon([("w", _dtensor((4, 6), mesh, [Shard(0)]))], second_moment="normuon")
+    for call in (muon_torch.save, muon_torch.load):
+        with pytest.raises(TypeError, match="DTensor parameters .* portable checkpoints do not"):
+            call(tmp_path / "state.ckpt", opt)
+    assert not (tmp_path / "state.ckpt").exists()
 
 
 # -- the example script, under torchrun ----------------------------------------------------

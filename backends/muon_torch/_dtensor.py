@@ -14,6 +14,7 @@ to its parameter; AdamW parameters are updated shard by shard.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import muon_core
@@ -26,7 +27,7 @@ from muon_core._tensor_parallel import block_entry, chunk_sizes, is_plain_matrix
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
-from muon_torch._adaptive import (_method, cautious_factor, decay_and_add_,
+from muon_torch._adaptive import (Pieces, _method, cautious_factor, decay_and_add_,
                                   ensure_second_moment, second_moments)
 from muon_torch._newton_schulz import _power_of_two_scale, frobenius_norm, newton_schulz, ns_dtype
 from muon_torch._optimizer import (_add_block, _decay, _direction, _ns_settings, _to_matrices,
@@ -354,24 +355,57 @@ class DTensorSharding:
                    schedule: Any) -> torch.Tensor:
         """The update of this rank's tensor-parallel piece of `p` from the piece's direction."""
         entry, layout = self.opt._entries[p], self.layouts[p]
+        if layout.tp_dim is not None and self.mode == "blockwise":  # options refused at init
+            return full_update(piece, block_entry(entry, tuple(piece.shape), self.opt.config),
+                               group, schedule)
+        if self._cut_through(p):
+            local = distributed_newton_schulz(piece, layout.tp_axis, layout.tp_group, schedule,
+                                              group["eps"], uses_gram(schedule, *entry.shape,
+                                                                    piece.dtype == torch.bfloat16))
+            return self._piece_moment(p, local, group) * (-group["lr"] * entry.lr_scales[0])
         state = self.opt.state[p]  # the second moment lives here, with the owner, whole
         ensure_second_moment(state, p.to_local(), entry, group)
         if layout.tp_dim is None:
             return full_update(piece, entry, group, schedule, state)
-        if self.mode == "blockwise":  # no second moment: refused at construction
-            return full_update(piece, block_entry(entry, tuple(piece.shape), self.opt.config),
-                               group, schedule)
-        if self.mode == "distributed" and distributes(entry, layout.tp_axis) \
-                and _method(group) == "none":
-            local = distributed_newton_schulz(piece, layout.tp_axis, layout.tp_group, schedule,
-                                              group["eps"], uses_gram(schedule, *entry.shape,
-                                                                    piece.dtype == torch.bfloat16))
-            return local * (-group["lr"] * entry.lr_scales[0])
         mesh, axis = layout.mesh, layout.tp_axis
         sizes = chunk_sizes(entry.shape[axis], mesh.size(layout.tp_dim))
         whole = _all_gather_axis(piece, axis, sizes, layout.tp_group)
         return _narrow(full_update(whole, entry, group, schedule, state), axis, sizes,
                        mesh.get_local_rank(layout.tp_dim))
+
+    def _cut_through(self, p: torch.Tensor) -> bool:
+        """Whether `p`'s tensor-parallel pieces stay cut through its step ("distributed")."""
+        layout = self.layouts.get(p)
+        return layout is not None and layout.tp_dim is not None and \
+            self.mode == "distributed" and distributes(self.opt._entries[p], layout.tp_axis)
+
+    def moment_entry(self, p: torch.Tensor) -> ParamPlan:
+        """The plan entry `p`'s second moment is shaped by on the ranks that hold it: the whole
+        matrix's, or this rank's piece's where "distributed" keeps the matrix cut."""
+        entry = self.opt._entries[p]
+        if not self._cut_through(p):
+            return entry
+        return block_entry(entry, self.layouts[p].tp_shape, self.opt.config)
+
+    def _piece_moment(self, p: torch.Tensor, local: torch.Tensor, group: dict[str, Any]
+                      ) -> torch.Tensor:
+        """`local`, this rank's piece of an orthogonalized matrix that "distributed" leaves cut,
+        after the group's second moment. The moment is kept as this rank's piece (NorMuon's
+        per-row statistics: its own rows when the rows are cut, every row when the columns
+        are); the row sums of a column-cut NorMuon piece and the two norms are all-reduced."""
+        if _method(group) == "none":
+            return local
+        entry, layout, state = self.moment_entry(p), self.layouts[p], self.opt.state[p]
+        ensure_second_moment(state, p.to_local(), entry, group)
+        pieces = Pieces(functools.partial(_all_reduced, group=layout.tp_group),
+                        None if layout.tp_axis == 0 else self.opt._entries[p].shape[1])
+        return second_moments([local[None]], [(state, entry, slice(0, local.shape[0]), group)],
+                              pieces)[0][0]
+
+
+def _all_reduced(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    dist.all_reduce(x, group=group)
+    return x
 
 
 def distributes(entry: ParamPlan, axis: int) -> bool:

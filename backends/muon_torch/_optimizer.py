@@ -337,7 +337,7 @@ class Muon(torch.optim.Optimizer):
                                  ": expected a state saved by muon_torch.Muon on the same model")
             for index, param in zip(saved["params"], group["params"]):
                 for key, value in state_dict["state"].get(index, {}).items():
-                    expected, what = state_shape(key, self._entries[param], saved)
+                    expected, what = state_shape(key, self._state_entry(param, key), saved)
                     if isinstance(value, torch.Tensor) and value.ndim \
                             and tuple(value.shape) != expected:
                         raise ValueError(f"state {key!r} of parameter "
@@ -353,6 +353,12 @@ class Muon(torch.optim.Optimizer):
                         if key != "step" and param.dtype in LOW_PRECISION:
                             self.state[param][key] = value.to(
                                 device=param.device, dtype=torch.float32, copy=True)
+
+    def _state_entry(self, param: torch.Tensor, key: str) -> ParamPlan:
+        """The plan entry a state tensor `key` of `param` is shaped by on this rank."""
+        if key == "second_moment" and self._dtensors is not None:
+            return self._dtensors.moment_entry(param)
+        return self._entries[param]
 
     def __getstate__(self) -> dict[str, Any]:
         if self._sharding is not None or self._dtensors is not None:
