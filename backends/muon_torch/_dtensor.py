@@ -8,7 +8,9 @@ travels back in a second all-to-all. The tensor-parallel piece is then orthogona
 `config.tp_mode`: "duplicated" all-gathers it inside the TP group, "distributed" all-reduces
 the small Gram matrix inside each Newton-Schulz iteration, "blockwise" treats the piece as a
 matrix of its own (`muon_core.blockwise_reference_step`). Momentum stays a DTensor shard next
-to its parameter; AdamW parameters are updated shard by shard.
+to its parameter; a second moment lives where the orthogonalized matrix is whole (the owner;
+every TP rank under "duplicated"), or as this rank's piece where "distributed" keeps it cut.
+Cautious weight decay acts on the local shards. AdamW parameters are updated shard by shard.
 """
 
 from __future__ import annotations
