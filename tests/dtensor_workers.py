@@ -172,7 +172,7 @@ def run_case(case: dict) -> dict:
         pairs = [(plain, reference)]
     for step in range(STEPS):
         grads = _case_gradients(reference, step, case)
-        for one, module in pairs:
+        for _, module in pairs:
             for name, p in module.named_parameters():
                 p.grad = grads[name].clone()
         for name, p in model.named_parameters():

@@ -13,8 +13,8 @@ from torch import nn
 from torch.optim.adamw import adamw as adamw_functional
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
-from muon_torch._adaptive import (cautious_factor, decay_and_add_, ensure_second_moment,
-                                  second_moments, state_shape)
+from muon_torch._adaptive import (STATE_KEY, cautious_factor, decay_and_add_,
+                                  ensure_second_moment, second_moments, state_shape)
 from muon_torch._groups import adamw_hyperparameters, muon_hyperparameters, parse_group
 from muon_torch._model import ModuleHints, as_hints, model_hints, sparse_parameters
 from muon_torch._newton_schulz import LOW_PRECISION, device_facts, newton_schulz, ns_dtype
@@ -356,7 +356,7 @@ class Muon(torch.optim.Optimizer):
 
     def _state_entry(self, param: torch.Tensor, key: str) -> ParamPlan:
         """The plan entry a state tensor `key` of `param` is shaped by on this rank."""
-        if key == "second_moment" and self._dtensors is not None:
+        if key == STATE_KEY and self._dtensors is not None:
             return self._dtensors.moment_entry(param)
         return self._entries[param]
 
