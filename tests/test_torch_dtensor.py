@@ -19,7 +19,7 @@ TP_AXIS = {f"{name}.weight": 0 if style == "colwise" else 1 for name, style in T
 FSDP = {"mesh": [2], "names": ["dp"], "config": {"nonfinite": "skip"}, "nan_at": 3}
 REFUSALS = {"refusals": True}  # errors for layouts the step cannot route
 # second moments and cautious decay, against one process with them and one without them;
-# q.weight has a zero gradient at every step under NorMuon (no NaN may appear); `reload`:
+# `zero` has a zero gradient at every step under NorMuon (no NaN may appear); `reload`:
 # opt.load_state_dict(opt.state_dict()) halfway
 OPTIONS = {"fsdp normuon": {"mesh": [2], "names": ["dp"], "baseline": True, "zero": "q.weight",
                             "reload": True,
@@ -32,7 +32,7 @@ OPTIONS = {"fsdp normuon": {"mesh": [2], "names": ["dp"], "baseline": True, "zer
                                      "config": {"tp_mode": "duplicated",
                                                 "second_moment": "normuon"}},
            "tp distributed normuon": {"mesh": [2], "names": ["tp"], "baseline": True,
-                                      "reload": True,
+                                      "reload": True, "zero": "proj.weight",
                                       "config": {"tp_mode": "distributed",
                                                  "second_moment": "normuon"}},
            "tp distributed adamuon cautious": {
