@@ -133,7 +133,8 @@ def tp_cost(shape: tuple[int, int], tp: int, mode: str, split_axis: int, *, step
     `algorithm` the config's `ns_algorithm`. m <= n are the matrix's sides.
 
     duplicated: one all-gather of the matrix, `(tp-1)/tp` of it sent per rank, and the whole
-    Newton-Schulz on every rank. distributed (split along the long axis): with "gram" and
+    Newton-Schulz on every rank. distributed (split along the long axis): first one
+    all-reduce of one value (the agreed power-of-two pre-scale); then with "gram" and
     n >= 1.5 m (where one process takes the Gram form too), one
     all-reduce of the m x m float32 Gram matrix (`2 (tp-1)/tp` of it sent) and flops
     `4 m² n/tp + 2 m³ (4 steps - 3)` (the Gram form's m x m products run on every rank); with
@@ -155,8 +156,9 @@ def tp_cost(shape: tuple[int, int], tp: int, mode: str, split_axis: int, *, step
         return TPCost(mode, 0.0, ns_flops(*local, steps))
     m = min(shape)
     n_local = local[split_axis]
+    prescale = 2 * ring * value_bytes
     if algorithm == "gram" and max(shape) >= GRAM_MIN_ASPECT * m:
-        return TPCost(mode, 2 * ring * m * m * max(value_bytes, 4),
+        return TPCost(mode, prescale + 2 * ring * m * m * max(value_bytes, 4),
                       4 * m * m * n_local + 2 * m ** 3 * (4 * steps - 3))
-    sent = steps * 2 * ring * m * m * value_bytes + 2 * ring * 8
+    sent = prescale + steps * 2 * ring * m * m * value_bytes + 2 * ring * 8
     return TPCost(mode, sent, steps * (4 * m * m * n_local + 2 * m ** 3))

@@ -73,6 +73,30 @@ def _gradients(model: nn.Module, step: int) -> dict[str, torch.Tensor]:
     return {n: torch.randn(p.shape, generator=generator) for n, p in model.named_parameters()}
 
 
+def _case_gradients(model: nn.Module, step: int, case: dict) -> dict[str, torch.Tensor]:
+    """The step's gradients as `case` alters them: a NaN at step `nan_at` (in rank 0's shard
+    only under FSDP: all must skip), zero for the parameter `zero`, the tensor-parallel
+    matrices' times `scale`."""
+    grads = _gradients(model, step)
+    if step == case.get("nan_at"):
+        grads["fc.weight"][0, 0] = float("nan")
+    if "zero" in case:
+        grads[case["zero"]].zero_()
+    for name in TP_PLAN:
+        grads[f"{name}.weight"] *= case.get("scale", 1.0)
+    return grads
+
+
+def _saved_moments(opt, model: nn.Module) -> dict[str, np.ndarray]:
+    """The second moments in this rank's `opt.state_dict()`, by parameter name."""
+    packed = opt.state_dict()
+    indices = [i for g in packed["param_groups"] for i in g["params"]]
+    params = [p for g in opt.param_groups for p in g["params"]]
+    names = {p: n for n, p in model.named_parameters()}
+    return {names[p]: packed["state"][i]["second_moment"].numpy()
+            for i, p in zip(indices, params) if "second_moment" in packed["state"].get(i, {})}
+
+
 def _local_shape(x: torch.Tensor) -> tuple[int, ...]:
     return tuple((x.to_local() if hasattr(x, "to_local") else x).shape)
 
@@ -108,7 +132,13 @@ def refusals(world_size: int) -> dict[str, str]:
     tp = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
     out = {"partial": _message(lambda: Muon([("w", param((4, 6), tp, [Partial()]))])),
            "blockwise conv": _message(lambda: Muon([("conv", param((2, 3, 3, 3), tp, [Shard(0)]))],
-                                                   tp_mode="blockwise"))}
+                                                   tp_mode="blockwise")),
+           "blockwise normuon": _message(lambda: Muon([("w", param((4, 6), tp, [Shard(0)]))],
+                                                      tp_mode="blockwise",
+                                                      second_moment="normuon")),
+           "blockwise cautious": _message(lambda: Muon([("w", param((4, 6), tp, [Shard(0)]))],
+                                                       tp_mode="blockwise",
+                                                       cautious_weight_decay=True))}
     if world_size == 4:
         mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "fsdp"))
         out["two data-parallel"] = _message(lambda: Muon([("w", param((2, 3), mesh,
@@ -134,16 +164,30 @@ def run_case(case: dict) -> dict:
     config = MuonConfig(ns_dtype="float32", lr=0.05, **case.get("config", {}))
     opt = Muon(model.named_parameters(), config)
     plain = Muon(reference.named_parameters(), config)
+    if case.get("baseline"):  # one process, the options off: to show that they act
+        baseline = copy.deepcopy(reference)
+        pairs = [(plain, reference), (Muon(baseline.named_parameters(), MuonConfig(
+            ns_dtype="float32", lr=0.05)), baseline)]
+    else:
+        pairs = [(plain, reference)]
     for step in range(STEPS):
-        grads = _gradients(reference, step)
-        if step == case.get("nan_at"):  # in rank 0's shard only under FSDP: all must skip
-            grads["fc.weight"][0, 0] = float("nan")
-        for name, p in reference.named_parameters():
-            p.grad = grads[name].clone()
+        grads = _case_gradients(reference, step, case)
+        for _, module in pairs:
+            for name, p in module.named_parameters():
+                p.grad = grads[name].clone()
         for name, p in model.named_parameters():
             p.grad = (_like(grads[name], p) if isinstance(p, DTensor) else grads[name].clone())
         opt.step()
-        plain.step()
+        for one, _ in pairs:
+            one.step()
+        if step == STEPS // 2 and case.get("reload"):  # the state survives its own state dict
+            opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    if case.get("baseline"):
+        out["baseline"] = {n: p.detach().numpy() for n, p in baseline.named_parameters()}
+    out["moments"] = _saved_moments(opt, model)
+    out["plain moments"] = {n: plain.state[p]["second_moment"].numpy()
+                            for n, p in reference.named_parameters()
+                            if "second_moment" in plain.state[p]}
     out["sharded"] = {n: (p.detach().full_tensor() if isinstance(p, DTensor) else p.detach())
                       .numpy() for n, p in model.named_parameters()}
     out["plain"] = {n: p.detach().numpy() for n, p in reference.named_parameters()}

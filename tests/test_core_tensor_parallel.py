@@ -73,11 +73,12 @@ def test_tp_cost_of_each_mode():
     standard = muon_core.tp_cost((rows, cols), tp, "distributed", 1, algorithm="standard")
     # per iteration: X Xᵀ and B X on the local 768 x 768 piece, A·A on the whole 768 x 768 Gram
     assert standard.ns_flops == 5 * (2 * 768 * 768 * 768 * 2 + 2 * 768 ** 3)
-    assert standard.bytes_sent == 5 * 2 * 3 / 4 * 768 * 768 * 4 + 2 * 3 / 4 * 8
+    # all-reduces: the pre-scale (one fp32 value), 5 Gram matrices, the float64 norm
+    assert standard.bytes_sent == 2 * 3 / 4 * 4 + 5 * 2 * 3 / 4 * 768 * 768 * 4 + 2 * 3 / 4 * 8
     gram = muon_core.tp_cost((rows, cols), tp, "distributed", 1)
     # one all-reduce of the float32 Gram; X Xᵀ and Q X local; per step A², and but for the
     # last P Q, A·A² and (.)·P: 5 + 3 * 4 = 17 products of 768 x 768 matrices
-    assert gram.bytes_sent == 2 * 3 / 4 * 768 * 768 * 4
+    assert gram.bytes_sent == 2 * 3 / 4 * 4 + 2 * 3 / 4 * 768 * 768 * 4  # and the pre-scale
     assert gram.ns_flops == 2 * (2 * 768 * 768 * 768) + 17 * 2 * 768 ** 3
     blockwise = muon_core.tp_cost((rows, cols), tp, "blockwise", 1)
     assert (blockwise.bytes_sent, blockwise.ns_flops) == (0.0, ns_flops(768, 768, 5))

@@ -18,10 +18,38 @@ MODES = ("duplicated", "distributed", "blockwise")
 TP_AXIS = {f"{name}.weight": 0 if style == "colwise" else 1 for name, style in TP_PLAN.items()}
 FSDP = {"mesh": [2], "names": ["dp"], "config": {"nonfinite": "skip"}, "nan_at": 3}
 REFUSALS = {"refusals": True}  # errors for layouts the step cannot route
+# second moments and cautious decay, against one process with them and one without them;
+# `zero` has a zero gradient at every step under NorMuon (no NaN may appear); `reload`:
+# opt.load_state_dict(opt.state_dict()) halfway
+OPTIONS = {"fsdp normuon": {"mesh": [2], "names": ["dp"], "baseline": True, "zero": "q.weight",
+                            "reload": True,
+                            "config": {"second_moment": "normuon"}},
+           "fsdp adamuon": {"mesh": [2], "names": ["dp"], "baseline": True, "reload": True,
+                            "config": {"second_moment": "adamuon"}},
+           "fsdp cautious": {"mesh": [2], "names": ["dp"], "baseline": True,
+                             "config": {"cautious_weight_decay": True}},
+           "tp duplicated normuon": {"mesh": [2], "names": ["tp"], "baseline": True,
+                                     "config": {"tp_mode": "duplicated",
+                                                "second_moment": "normuon"}},
+           "tp distributed normuon": {"mesh": [2], "names": ["tp"], "baseline": True,
+                                      "reload": True, "zero": "proj.weight",
+                                      "config": {"tp_mode": "distributed",
+                                                 "second_moment": "normuon"}},
+           "tp distributed adamuon cautious": {
+               "mesh": [2], "names": ["tp"], "baseline": True,
+               "config": {"tp_mode": "distributed", "second_moment": "adamuon",
+                          "cautious_weight_decay": True}},
+           # gradients of the Muon matrices around 1e20: their Gram products overflow float32
+           # unless the pieces agree on the power-of-two pre-scale
+           "tp distributed huge": {"mesh": [2], "names": ["tp"], "scale": 1e20,
+                                   "config": {"tp_mode": "distributed"}}}
 TWO_RANK_CASES = [FSDP] + [{"mesh": [2], "names": ["tp"], "config": {"tp_mode": m}}
-                           for m in MODES] + [REFUSALS]
+                           for m in MODES] + list(OPTIONS.values()) + [REFUSALS]
 FOUR_RANK_CASES = [{"mesh": [4], "names": ["dp"]}] + [
-    {"mesh": [2, 2], "names": ["dp", "tp"], "config": {"tp_mode": m}} for m in MODES] + [REFUSALS]
+    {"mesh": [2, 2], "names": ["dp", "tp"], "config": {"tp_mode": m}} for m in MODES] + [
+    {"mesh": [2, 2], "names": ["dp", "tp"], "reload": True,
+     "config": {"tp_mode": "distributed", "second_moment": "adamuon",
+                "cautious_weight_decay": True}}, REFUSALS]
 
 
 def _blockwise_definition(out, tp):
@@ -75,6 +103,48 @@ def test_tensor_parallel_two_ranks(two_ranks, mode):
     _check([[per[index]] for per in two_ranks], [TWO_RANK_CASES[index]], 2)
 
 
+def _option_outputs(two_ranks, name):
+    index = TWO_RANK_CASES.index(OPTIONS[name])
+    return [per[index] for per in two_ranks]
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_options_two_ranks_equal_one_process(two_ranks, name):
+    outputs = _option_outputs(two_ranks, name)
+    _check([[out] for out in outputs], [OPTIONS[name]], 2)
+    for out in outputs:
+        assert all(np.isfinite(v).all() for v in out["sharded"].values()), name
+    if OPTIONS[name].get("baseline"):  # the option acts: plain Muon ends elsewhere
+        assert max(relative_error(out["plain"][n], out["baseline"][n])
+                   for n in TP_AXIS) > 1e-3, name
+
+
+def _expected_moment(whole, matrix, case, rank):
+    """This rank's part of one process's second moment: whole with the owner (FSDP) and under
+    "duplicated"; under "distributed" (except `odd`, cut along its short axis: "duplicated")
+    AdaMuon's piece of the matrix, NorMuon's own rows when the rows are cut."""
+    config = case["config"]
+    if config.get("tp_mode") != "distributed" or matrix == "odd.weight":
+        return whole
+    if config["second_moment"] == "adamuon":
+        return np.array_split(whole, 2, axis=TP_AXIS[matrix])[rank]
+    return np.array_split(whole, 2, axis=1)[rank] if TP_AXIS[matrix] == 0 else whole
+
+
+@pytest.mark.parametrize("name", [n for n in OPTIONS if "second_moment" in OPTIONS[n]["config"]])
+def test_second_moment_lives_with_the_owner_and_is_saved(two_ranks, name):
+    case, outputs = OPTIONS[name], _option_outputs(two_ranks, name)
+    for matrix in TP_AXIS:
+        holders = [rank for rank, out in enumerate(outputs) if matrix in out["moments"]]
+        # FSDP: the one owner rank; tensor parallel: every TP rank
+        assert len(holders) == (1 if case["names"] == ["dp"] else 2), (name, matrix, holders)
+        for rank in holders:
+            moment = outputs[rank]["moments"][matrix]
+            expected = _expected_moment(outputs[0]["plain moments"][matrix], matrix, case, rank)
+            assert moment.shape == expected.shape, (name, matrix, rank)
+            assert relative_error(moment, expected) <= 1e-5, (name, matrix, rank)
+
+
 def test_blockwise_is_a_different_algorithm(two_ranks):
     blockwise = two_ranks[0][1 + MODES.index("blockwise")]
     assert relative_error(blockwise["sharded"]["fc.weight"], blockwise["plain"]["fc.weight"]) > 1e-2
@@ -126,6 +196,10 @@ def test_unsupported_layouts_are_named(two_ranks):
     assert "expected Shard or Replicate" in refusals["partial"]
     assert "parameter 'conv'" in refusals["blockwise conv"]
     assert "cannot be cut into blockwise pieces" in refusals["blockwise conv"]
+    for option in ("normuon", "cautious"):
+        message = refusals[f"blockwise {option}"]
+        assert "parameter 'w'" in message and "tp_mode='blockwise'" in message, message
+        assert "not defined for blockwise Muon" in message, message
 
 
 @pytest.mark.slow
@@ -156,6 +230,19 @@ def test_dtensors_with_a_process_group_are_refused(one_process_group):
     mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("dp",))
     with pytest.raises(ValueError, match=r"parameter 'w' is a DTensor"):
         Muon([("w", _dtensor((4, 6), mesh, [Shard(0)]))], process_group=dist.group.WORLD)
+
+
+def test_portable_checkpoints_refuse_dtensor_state(one_process_group, tmp_path):
+    import muon_torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+
+    mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("dp",))
+    opt = Muon([("w", _dtensor((4, 6), mesh, [Shard(0)]))], second_moment="normuon")
+    for call in (muon_torch.save, muon_torch.load):
+        with pytest.raises(TypeError, match="DTensor parameters .* portable checkpoints do not"):
+            call(tmp_path / "state.ckpt", opt)
+    assert not (tmp_path / "state.ckpt").exists()
 
 
 # -- the example script, under torchrun ----------------------------------------------------

@@ -43,6 +43,10 @@ def from_stored(t: ckpt.Tensor) -> torch.Tensor:
 def _params_and_plan(optimizer: Muon, names: Mapping[str, str] | None):
     if not isinstance(optimizer, Muon):
         raise TypeError(f"optimizer is a {type(optimizer).__name__}: expected a muon_torch.Muon")
+    if optimizer._dtensors is not None:
+        raise TypeError("optimizer has DTensor parameters (FSDP2, tensor parallelism), whose "
+                        "state portable checkpoints do not cover yet: expected an optimizer "
+                        "without DTensors (use torch.distributed.checkpoint for these)")
     plan = ckpt.renamed(optimizer.plan, names)
     return list(zip(optimizer._entries, plan)), plan
 
@@ -177,8 +181,8 @@ def load(path: str | os.PathLike, optimizer: Muon, *,
 def _read_state(path: str | os.PathLike, optimizer: Muon,
                 names: Mapping[str, str] | None) -> dict[torch.Tensor, dict[str, torch.Tensor]]:
     """Every parameter's whole state from the file, after checking that it fits."""
-    checkpoint = ckpt.read_checkpoint(path)
     pairs, plan = _params_and_plan(optimizer, names)
+    checkpoint = ckpt.read_checkpoint(path)
     ckpt.check_matches(checkpoint, plan, LAYOUT, path, _second_moments(optimizer, pairs))
     fused = {p: bool(g.get("fused")) for g in optimizer.param_groups for p in g["params"]}
     return {param: _restored(param, entry, checkpoint.state(entry.name), fused[param])

@@ -8,12 +8,15 @@ travels back in a second all-to-all. The tensor-parallel piece is then orthogona
 `config.tp_mode`: "duplicated" all-gathers it inside the TP group, "distributed" all-reduces
 the small Gram matrix inside each Newton-Schulz iteration, "blockwise" treats the piece as a
 matrix of its own (`muon_core.blockwise_reference_step`). Momentum stays a DTensor shard next
-to its parameter; AdamW parameters are updated shard by shard.
+to its parameter; a second moment lives where the orthogonalized matrix is whole (the owner;
+every TP rank under "duplicated"), or as this rank's piece where "distributed" keeps it cut.
+Cautious weight decay acts on the local shards. AdamW parameters are updated shard by shard.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import muon_core
@@ -26,7 +29,9 @@ from muon_core._tensor_parallel import block_entry, chunk_sizes, is_plain_matrix
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
-from muon_torch._newton_schulz import frobenius_norm, newton_schulz, ns_dtype
+from muon_torch._adaptive import (Pieces, _method, cautious_factor, decay_and_add_,
+                                  ensure_second_moment, second_moments)
+from muon_torch._newton_schulz import _power_of_two_scale, frobenius_norm, newton_schulz, ns_dtype
 from muon_torch._optimizer import (_add_block, _decay, _direction, _ns_settings, _to_matrices,
                                    _update_momentum)
 
@@ -116,14 +121,17 @@ def _narrow(x: torch.Tensor, axis: int, sizes: tuple[int, ...], index: int) -> t
 
 
 def full_update(direction: torch.Tensor, entry: ParamPlan, group: dict[str, Any],
-                schedule: Any) -> torch.Tensor:
-    """`-lr * scale * NS(block)` for every block of a whole parameter-shaped direction."""
+                schedule: Any, state: dict[str, Any] | None = None) -> torch.Tensor:
+    """`-lr * scale * NS(block)` for every block of a whole parameter-shaped direction, after
+    the group's second moment (kept in `state`, whole like `entry`) when `state` is given."""
     update = torch.zeros_like(direction)
     matrices = _to_matrices(direction.contiguous(), entry)
     for start, size, scale in zip(entry.block_offsets, entry.blocks, entry.lr_scales):
         rows = slice(start, start + size)
-        _add_block(update, entry, rows, newton_schulz(matrices[:, rows], schedule, group["eps"]),
-                   -group["lr"] * scale)
+        block = newton_schulz(matrices[:, rows], schedule, group["eps"])
+        if state is not None:
+            block = second_moments([block], [(state, entry, rows, group)])[0]
+        _add_block(update, entry, rows, block, -group["lr"] * scale)
     return update
 
 
@@ -133,21 +141,26 @@ def distributed_newton_schulz(local: torch.Tensor, axis: int, group: dist.Proces
     `local`; returns the local piece of the result. The Gram matrix `X Xᵀ` of the short side
     is the sum of the ranks' local products. With `gram_form` (where one process takes the
     Gram form: `muon_core`'s `uses_gram`) it is all-reduced once and every rank iterates on
-    it (its trace gives the norm); else the norm and each iteration's Gram matrix are."""
+    it (its trace gives the norm); else the norm and each iteration's Gram matrix are.
+    As on one process, the matrix is first scaled by the power of two of its largest entry
+    (the smallest of the pieces' `_power_of_two_scale`), so that huge entries stay finite."""
     x = local if axis == 1 else local.mT
+    power = _power_of_two_scale(x)
+    dist.all_reduce(power, op=dist.ReduceOp.MIN, group=group)
+    x = x * power  # exact: a power of two
     if gram_form:
         wide = x.to(torch.promote_types(x.dtype, torch.float32))
         gram = wide @ wide.mT
         dist.all_reduce(gram, group=group)
-        scale = (gram.diagonal().sum(dtype=torch.float64).sqrt() * schedule.norm_scale
-                 ).clamp_min(eps)
+        scale = torch.maximum(gram.diagonal().sum(dtype=torch.float64).sqrt()
+                              * schedule.norm_scale, eps * power.to(torch.float64))
         q = gram_polynomial(gram / scale.square().to(gram.dtype), schedule,
                             xp=array_namespace(gram))
         x = q.to(x.dtype) @ (x / scale.to(x.dtype))
     else:
         squares = frobenius_norm(x).to(torch.float64).square()
         dist.all_reduce(squares, group=group)
-        x = x / (squares.sqrt().to(x.dtype) * schedule.norm_scale).clamp_min(eps)
+        x = x / torch.maximum(squares.sqrt().to(x.dtype) * schedule.norm_scale, eps * power)
         for a, b, c in schedule.coefficients:
             gram = x @ x.mT
             dist.all_reduce(gram, group=group)
@@ -179,20 +192,15 @@ class DTensorSharding:
             for p in group["params"]:
                 entry = opt._entries[p]
                 if isinstance(p, DTensor) and entry.is_muon:
-                    self._check_group(entry, group)
+                    if group.get("master_weights"):
+                        raise ValueError(f"parameter {entry.name!r} is a DTensor, and "
+                                         "master_weights=True is not supported on DTensor "
+                                         "parameters yet: expected master_weights=False")
                     self.layouts[p] = layout_of(entry.name, p, tp_dim)
                     if self.mode == "blockwise" and self.layouts[p].tp_dim is not None:
                         block_entry(entry, entry.shape, opt.config)  # refuses what it can't cut
+                        _refuse_blockwise_options(entry, group)
         self.owner = self._owners()
-
-    def _check_group(self, entry: ParamPlan, group: dict[str, Any]) -> None:
-        if group.get("second_moment", "none") != "none" or group.get("cautious_weight_decay") \
-                or group.get("master_weights"):
-            raise ValueError(f"parameter {entry.name!r} is a DTensor, and second_moment="
-                             f"{group.get('second_moment')!r}, cautious_weight_decay="
-                             f"{group.get('cautious_weight_decay')!r} and master_weights="
-                             f"{group.get('master_weights')!r} are not supported on DTensor "
-                             "parameters yet: expected the defaults")
 
     def _owners(self) -> dict[torch.Tensor, int | None]:
         """Each parameter's owner rank in its data-parallel group (`muon_core.assign_owners`
@@ -269,9 +277,13 @@ class DTensorSharding:
         dtype = ns_dtype(dtype_name, locals_[0].device)
         directions = {p: _direction(g, b, group).to(dtype) for p, g, b in zip(params, grads, bufs)}
         updates = self._route(group, directions, schedule)
-        _decay(locals_, group)
+        cautious = cautious_factor(group)
+        if cautious is None:  # else decayed where the update agrees in sign, below
+            _decay(locals_, group)
         for p, local in zip(params, locals_):
-            local.add_(updates[p].to(local.dtype))
+            # `-update` is the descent direction times `lr * scale` > 0: the sign cautious
+            # decay compares with the parameter's, entry by entry on the local shard
+            decay_and_add_(local, updates[p].to(local.dtype).neg_(), -1.0, cautious)
 
     def _local_grad(self, p: DTensor) -> torch.Tensor:
         grad = p.grad
@@ -345,24 +357,71 @@ class DTensorSharding:
                    schedule: Any) -> torch.Tensor:
         """The update of this rank's tensor-parallel piece of `p` from the piece's direction."""
         entry, layout = self.opt._entries[p], self.layouts[p]
-        if layout.tp_dim is None:
-            return full_update(piece, entry, group, schedule)
-        if self.mode == "blockwise":
+        if layout.tp_dim is not None and self.mode == "blockwise":  # options refused at init
             return full_update(piece, block_entry(entry, tuple(piece.shape), self.opt.config),
                                group, schedule)
-        if self.mode == "distributed" and distributes(entry, layout.tp_axis):
+        if self._cut_through(p):
             local = distributed_newton_schulz(piece, layout.tp_axis, layout.tp_group, schedule,
                                               group["eps"], uses_gram(schedule, *entry.shape,
                                                                     piece.dtype == torch.bfloat16))
-            return local * (-group["lr"] * entry.lr_scales[0])
+            return self._piece_moment(p, local, group) * (-group["lr"] * entry.lr_scales[0])
+        state = self.opt.state[p]  # the second moment lives here, with the owner, whole
+        ensure_second_moment(state, p.to_local(), entry, group)
+        if layout.tp_dim is None:
+            return full_update(piece, entry, group, schedule, state)
         mesh, axis = layout.mesh, layout.tp_axis
         sizes = chunk_sizes(entry.shape[axis], mesh.size(layout.tp_dim))
         whole = _all_gather_axis(piece, axis, sizes, layout.tp_group)
-        return _narrow(full_update(whole, entry, group, schedule), axis, sizes,
+        return _narrow(full_update(whole, entry, group, schedule, state), axis, sizes,
                        mesh.get_local_rank(layout.tp_dim))
+
+    def _cut_through(self, p: torch.Tensor) -> bool:
+        """Whether `p`'s tensor-parallel pieces stay cut through its step ("distributed")."""
+        layout = self.layouts.get(p)
+        return layout is not None and layout.tp_dim is not None and \
+            self.mode == "distributed" and distributes(self.opt._entries[p], layout.tp_axis)
+
+    def moment_entry(self, p: torch.Tensor) -> ParamPlan:
+        """The plan entry `p`'s second moment is shaped by on the ranks that hold it: the whole
+        matrix's, or this rank's piece's where "distributed" keeps the matrix cut."""
+        entry = self.opt._entries[p]
+        if not self._cut_through(p):
+            return entry
+        return block_entry(entry, self.layouts[p].tp_shape, self.opt.config)
+
+    def _piece_moment(self, p: torch.Tensor, local: torch.Tensor, group: dict[str, Any]
+                      ) -> torch.Tensor:
+        """`local`, this rank's piece of an orthogonalized matrix that "distributed" leaves cut,
+        after the group's second moment. The moment is kept as this rank's piece (NorMuon's
+        per-row statistics: its own rows when the rows are cut, every row when the columns
+        are); the row sums of a column-cut NorMuon piece and the two norms are all-reduced."""
+        if _method(group) == "none":
+            return local
+        entry, layout, state = self.moment_entry(p), self.layouts[p], self.opt.state[p]
+        ensure_second_moment(state, p.to_local(), entry, group)
+        pieces = Pieces(functools.partial(_all_reduced, group=layout.tp_group),
+                        None if layout.tp_axis == 0 else self.opt._entries[p].shape[1])
+        return second_moments([local[None]], [(state, entry, slice(0, local.shape[0]), group)],
+                              pieces)[0][0]
+
+
+def _all_reduced(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    dist.all_reduce(x, group=group)
+    return x
 
 
 def distributes(entry: ParamPlan, axis: int) -> bool:
     """Whether `tp_mode="distributed"` runs on this matrix: a plain matrix split along its
     longer (or equal) axis; any other falls back to "duplicated"."""
     return is_plain_matrix(entry) and entry.shape[axis] >= entry.shape[1 - axis]
+
+
+def _refuse_blockwise_options(entry: ParamPlan, group: dict[str, Any]) -> None:
+    """Blockwise Muon (`muon_core.blockwise_reference_step`) defines no second moment and no
+    cautious decay: refuse them on a matrix that "blockwise" cuts."""
+    if _method(group) != "none" or group.get("cautious_weight_decay"):
+        raise ValueError(f"parameter {entry.name!r} is cut by tensor parallelism with "
+                         f"tp_mode='blockwise', and second_moment={_method(group)!r} / "
+                         f"cautious_weight_decay={group.get('cautious_weight_decay')!r} are not "
+                         "defined for blockwise Muon: expected second_moment='none' and "
+                         "cautious_weight_decay=False, or tp_mode='duplicated' or 'distributed'")

@@ -13,8 +13,8 @@ from torch import nn
 from torch.optim.adamw import adamw as adamw_functional
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
-from muon_torch._adaptive import (cautious_factor, decay_and_add_, ensure_second_moment,
-                                  second_moments, state_shape)
+from muon_torch._adaptive import (STATE_KEY, cautious_factor, decay_and_add_,
+                                  ensure_second_moment, second_moments, state_shape)
 from muon_torch._groups import adamw_hyperparameters, muon_hyperparameters, parse_group
 from muon_torch._model import ModuleHints, as_hints, model_hints, sparse_parameters
 from muon_torch._newton_schulz import LOW_PRECISION, device_facts, newton_schulz, ns_dtype
@@ -337,7 +337,7 @@ class Muon(torch.optim.Optimizer):
                                  ": expected a state saved by muon_torch.Muon on the same model")
             for index, param in zip(saved["params"], group["params"]):
                 for key, value in state_dict["state"].get(index, {}).items():
-                    expected, what = state_shape(key, self._entries[param], saved)
+                    expected, what = state_shape(key, self._state_entry(param, key), saved)
                     if isinstance(value, torch.Tensor) and value.ndim \
                             and tuple(value.shape) != expected:
                         raise ValueError(f"state {key!r} of parameter "
@@ -353,6 +353,12 @@ class Muon(torch.optim.Optimizer):
                         if key != "step" and param.dtype in LOW_PRECISION:
                             self.state[param][key] = value.to(
                                 device=param.device, dtype=torch.float32, copy=True)
+
+    def _state_entry(self, param: torch.Tensor, key: str) -> ParamPlan:
+        """The plan entry a state tensor `key` of `param` is shaped by on this rank."""
+        if key == STATE_KEY and self._dtensors is not None:
+            return self._dtensors.moment_entry(param)
+        return self._entries[param]
 
     def __getstate__(self) -> dict[str, Any]:
         if self._sharding is not None or self._dtensors is not None:
