@@ -1,6 +1,6 @@
 """Portable checkpoints of sharded optimizers: torch `Muon(process_group=...)` on 2 gloo
-processes gathers to a whole file and loads one, and JAX states sharded over a forced 2-device
-mesh save and load whole.
+processes gathers to a whole file and loads one; JAX states sharded over a forced 2-device
+mesh save and load whole, and so do JAX states spanning 2 processes (`jax.distributed`).
 
 The torch runs pass single process -> 2 ranks -> single process through portable files and
 must end where one process ends without interruption; every rank gets the same gradient, so
@@ -18,7 +18,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from muon_conformance.adapters import run_torch_workers  # noqa: E402
+from muon_conformance.adapters import free_port, run_torch_workers  # noqa: E402
 from muon_core import MuonConfig, read_checkpoint  # noqa: E402
 from muon_torch import Muon, load, save  # noqa: E402
 from test_torch_distributed import GQA, SHAPES  # noqa: E402
@@ -50,7 +50,7 @@ def _single_process(params, grads, config, resume=None, saves=None):
 
 
 def _assert_close(got, expected, what):
-    for name in SHAPES:
+    for name in expected:
         error = np.max(np.abs(got[name] - expected[name])) / np.max(np.abs(expected[name]))
         assert error <= 1e-6, f"{what} {name}: relative error {error:.2e}"
 
@@ -152,3 +152,107 @@ def test_jax_state_sharded_over_two_devices_saves_whole_and_loads_sharded(tmp_pa
         stored = read_checkpoint(tmp_path / f"jax-{mode}.safetensors")
         assert stored.tensors["a/momentum_buffer"].shape == (6, 8)
     assert stored.tensors["a/second_moment"].shape == (1, 6)
+
+
+
+# The multi-process JAX runs: 2 processes with 2 CPU devices each, one 4-device mesh "data".
+# Leaves split over it (by rows or by columns) have their state on both processes; the bias
+# and the head stay replicated. Routing: embed, h.0.bias and head take AdamW, the rest Muon.
+JAX_SHAPES = {"embed": (16, 8), "h.0.fc": (8, 16), "h.0.proj": (16, 8), "h.1.fc": (8, 16),
+              "h.0.bias": (8,), "head": (8, 16)}
+JAX_SPECS = {"embed": ["data"], "h.0.fc": ["data"], "h.0.proj": ["data"],
+             "h.1.fc": [None, "data"], "h.0.bias": [], "head": []}
+JAX_STEPS = 3  # 3 steps, save, load, 3 more steps
+WORKERS = os.path.join(os.path.dirname(__file__), "jax_multihost_workers.py")
+
+
+def _jax_inputs(folder):
+    """Parameters and 2 * JAX_STEPS steps of gradients, in memory and as the workers' files."""
+    rng = np.random.default_rng(5)
+    params = {n: rng.standard_normal(s).astype(np.float32) for n, s in JAX_SHAPES.items()}
+    grads = [{n: rng.standard_normal(s).astype(np.float32) for n, s in JAX_SHAPES.items()}
+             for _ in range(2 * JAX_STEPS)]
+    np.savez(folder / "params.npz", **params)
+    for half in (0, 1):
+        steps = grads[half * JAX_STEPS:(half + 1) * JAX_STEPS]
+        np.savez(folder / f"grads{half}.npz",
+                 **{f"{i}/{n}": v for i, step in enumerate(steps) for n, v in step.items()})
+    return params, grads
+
+
+def _jax_single_process(params, grads, config, resume=None, save=None):
+    """`muon_jax.muon` on this process's one device: load `resume`, step, save to `save`."""
+    import jax
+    import muon_jax
+    import optax
+
+    tx = muon_jax.muon(config)
+    params = {n: jax.numpy.asarray(p) for n, p in params.items()}
+    state = tx.init(params)
+    if resume is not None:
+        state = muon_jax.load(resume, state, params, config)
+    step = jax.jit(tx.update)
+    for step_grads in grads:
+        updates, state = step(step_grads, state, params)
+        params = optax.apply_updates(params, updates)
+    if save is not None:
+        muon_jax.save(save, state, params, config)
+    return {n: np.asarray(p) for n, p in params.items()}
+
+
+def _jax_processes(job, name, folder, processes=2, timeout=300):
+    """Run the `jax_multihost_workers.py` job on `processes` processes joined by
+    `jax.distributed` on 127.0.0.1 (2 CPU devices each): each process's report and the final
+    parameters, also written to `{name}-params.npz` in `folder`."""
+    job = {**job, "port": free_port(), "processes": processes, "specs": JAX_SPECS,
+           "out": str(folder / name)}
+    (folder / f"{name}.json").write_text(json.dumps(job))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1")
+    workers = [subprocess.Popen([sys.executable, WORKERS, str(folder / f"{name}.json"), str(i)],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True) for i in range(processes)]
+    try:
+        logs = [w.communicate(timeout=timeout)[0] for w in workers]
+    finally:
+        for worker in workers:
+            worker.kill()
+    failed = [i for i, w in enumerate(workers) if w.returncode != 0]
+    assert not failed, "\n".join(f"--- process {i}:\n{logs[i][-3000:]}" for i in failed)
+    reports = [json.loads((folder / f"{name}-{i}.json").read_text()) for i in range(processes)]
+    final = np.load(folder / f"{name}-params.npz")
+    return reports, {n: final[n] for n in JAX_SHAPES}
+
+
+@pytest.mark.jax
+def test_jax_state_spanning_two_processes_saves_one_file_and_resumes_anywhere(tmp_path):
+    """3 steps on 2 processes, save; resume for 3 steps on one process and on 2 processes:
+    both end where 6 uninterrupted single-process steps end, and the 2-process file holds what
+    the single-process one does. A load refused on 2 processes raises on both."""
+    pytest.importorskip("jax")
+    config = MuonConfig(ns_dtype="float32", second_moment="normuon")
+    params, grads = _jax_inputs(tmp_path)
+    uninterrupted = _jax_single_process(params, grads, config)
+    single = str(tmp_path / "single.safetensors")
+    after3 = _jax_single_process(params, grads[:JAX_STEPS], config, save=single)
+    multi = str(tmp_path / "multi.safetensors")
+    job = {"config": config.to_dict(), "mode": "owner", "steps": JAX_STEPS}
+    reports, saved_params = _jax_processes(
+        {**job, "params": str(tmp_path / "params.npz"), "grads": str(tmp_path / "grads0.npz"),
+         "save": multi}, "first", tmp_path)
+    for report in reports:  # the momentum of the leaves split over the mesh spans processes
+        assert report["devices"] == 4
+        assert sum("momentum_buffer" in path for path in report["split"]) == 3, report
+    _assert_close(saved_params, after3, "3 steps on 2 processes")
+    _assert_same_content(multi, single)
+
+    resumed = _jax_single_process(saved_params, grads[JAX_STEPS:], config, resume=multi)
+    _assert_close(resumed, uninterrupted, "2 processes -> 1")
+    refuse = config.replace(second_moment="none").to_dict()
+    reports, resumed = _jax_processes(
+        {**job, "params": str(tmp_path / "first-params.npz"),
+         "grads": str(tmp_path / "grads1.npz"), "resume": multi, "refuse": refuse},
+        "second", tmp_path)
+    _assert_close(resumed, uninterrupted, "2 processes -> 2 processes")
+    for report in reports:
+        assert "second_moment is normuon in the checkpoint, none here" in report["refused"]
