@@ -130,8 +130,10 @@ JAX_SCRIPT = textwrap.dedent("""
                              state.inner_state)
         placed = jax.tree.map(lambda a, b: a.sharding == b.sharding, loaded.inner_state,
                               template.inner_state)
+        stepped = [jax.jit(tx.update)(grads, s, params)[0] for s in (loaded, state)]
         report[mode] = {"equal": all(jax.tree.leaves(equal)),
                         "placed": all(jax.tree.leaves(placed)),
+                        "steps": all(jax.tree.leaves(jax.tree.map(np.array_equal, *stepped))),
                         "sharded": template.momentum_buffer["a"].sharding.spec[0] == "data"}
     print(json.dumps(report))
 """)
@@ -146,7 +148,7 @@ def test_jax_state_sharded_over_two_devices_saves_whole_and_loads_sharded(tmp_pa
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    sharded = {"equal": True, "placed": True, "sharded": True}
+    sharded = {"equal": True, "placed": True, "steps": True, "sharded": True}
     assert report == {"devices": 2, "owner": sharded, "replicated": sharded}, report
     for mode in ("owner", "replicated"):  # whole tensors, in the canonical (out, in) layout
         stored = read_checkpoint(tmp_path / f"jax-{mode}.safetensors")
@@ -155,7 +157,8 @@ def test_jax_state_sharded_over_two_devices_saves_whole_and_loads_sharded(tmp_pa
 
 
 
-# The multi-process JAX runs: 2 processes with 2 CPU devices each, one 4-device mesh "data".
+
+# The multi-process JAX run: 2 processes with 2 CPU devices each, one 4-device mesh "data".
 # Leaves split over it (by rows or by columns) have their state on both processes; the bias
 # and the head stay replicated. Routing: embed, h.0.bias and head take AdamW, the rest Muon.
 JAX_SHAPES = {"embed": (16, 8), "h.0.fc": (8, 16), "h.0.proj": (16, 8), "h.1.fc": (8, 16),
@@ -167,7 +170,8 @@ WORKERS = os.path.join(os.path.dirname(__file__), "jax_multihost_workers.py")
 
 
 def _jax_inputs(folder):
-    """Parameters and 2 * JAX_STEPS steps of gradients, in memory and as the workers' files."""
+    """Parameters and 2 * JAX_STEPS steps of gradients, in memory and as the workers' files:
+    `params.npz`, `grads0.npz` (before the save) and `grads1.npz` (after it)."""
     rng = np.random.default_rng(5)
     params = {n: rng.standard_normal(s).astype(np.float32) for n, s in JAX_SHAPES.items()}
     grads = [{n: rng.standard_normal(s).astype(np.float32) for n, s in JAX_SHAPES.items()}
@@ -180,36 +184,33 @@ def _jax_inputs(folder):
     return params, grads
 
 
-def _jax_single_process(params, grads, config, resume=None, save=None):
-    """`muon_jax.muon` on this process's one device: load `resume`, step, save to `save`."""
+def _jax_single_process(tx, config, params, grads, resume=None, save=None):
+    """`tx` (unsharded `muon_jax.muon(config)`) on this process's device: load `resume`,
+    step, save to `save`; the final parameters."""
     import jax
     import muon_jax
     import optax
 
-    tx = muon_jax.muon(config)
     params = {n: jax.numpy.asarray(p) for n, p in params.items()}
     state = tx.init(params)
     if resume is not None:
         state = muon_jax.load(resume, state, params, config)
-    step = jax.jit(tx.update)
     for step_grads in grads:
-        updates, state = step(step_grads, state, params)
+        updates, state = jax.jit(tx.update)(step_grads, state, params)
         params = optax.apply_updates(params, updates)
     if save is not None:
         muon_jax.save(save, state, params, config)
     return {n: np.asarray(p) for n, p in params.items()}
 
 
-def _jax_processes(job, name, folder, processes=2, timeout=300):
-    """Run the `jax_multihost_workers.py` job on `processes` processes joined by
-    `jax.distributed` on 127.0.0.1 (2 CPU devices each): each process's report and the final
-    parameters, also written to `{name}-params.npz` in `folder`."""
-    job = {**job, "port": free_port(), "processes": processes, "specs": JAX_SPECS,
-           "out": str(folder / name)}
-    (folder / f"{name}.json").write_text(json.dumps(job))
+def _jax_processes(job, folder, processes=2, timeout=600):
+    """Run `jax_multihost_workers.py` on `processes` processes joined by `jax.distributed`
+    on 127.0.0.1 (2 CPU devices each); each process's report."""
+    job = {**job, "port": free_port(), "processes": processes, "out": str(folder / "run")}
+    (folder / "job.json").write_text(json.dumps(job))
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
                JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1")
-    workers = [subprocess.Popen([sys.executable, WORKERS, str(folder / f"{name}.json"), str(i)],
+    workers = [subprocess.Popen([sys.executable, WORKERS, str(folder / "job.json"), str(i)],
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True) for i in range(processes)]
     try:
@@ -219,40 +220,50 @@ def _jax_processes(job, name, folder, processes=2, timeout=300):
             worker.kill()
     failed = [i for i, w in enumerate(workers) if w.returncode != 0]
     assert not failed, "\n".join(f"--- process {i}:\n{logs[i][-3000:]}" for i in failed)
-    reports = [json.loads((folder / f"{name}-{i}.json").read_text()) for i in range(processes)]
-    final = np.load(folder / f"{name}-params.npz")
-    return reports, {n: final[n] for n in JAX_SHAPES}
+    return [json.loads((folder / f"run-{i}.json").read_text()) for i in range(processes)]
+
+
+def _npz(path):
+    with np.load(path) as stored:
+        return {n: stored[n] for n in JAX_SHAPES}
 
 
 @pytest.mark.jax
 def test_jax_state_spanning_two_processes_saves_one_file_and_resumes_anywhere(tmp_path):
-    """3 steps on 2 processes, save; resume for 3 steps on one process and on 2 processes:
-    both end where 6 uninterrupted single-process steps end, and the 2-process file holds what
-    the single-process one does. A load refused on 2 processes raises on both."""
+    """3 steps on 2 processes, save; resume for 3 steps on one process and, from a fresh
+    state, on the 2 processes: both end where 6 uninterrupted single-process steps end, and
+    the 2-process file holds what the single-process one does. A refused load raises on
+    both processes."""
     pytest.importorskip("jax")
+    import muon_jax
+
     config = MuonConfig(ns_dtype="float32", second_moment="normuon")
+    tx = muon_jax.muon(config)
     params, grads = _jax_inputs(tmp_path)
-    uninterrupted = _jax_single_process(params, grads, config)
+    uninterrupted = _jax_single_process(tx, config, params, grads)
     single = str(tmp_path / "single.safetensors")
-    after3 = _jax_single_process(params, grads[:JAX_STEPS], config, save=single)
+    after3 = _jax_single_process(tx, config, params, grads[:JAX_STEPS], save=single)
     multi = str(tmp_path / "multi.safetensors")
-    job = {"config": config.to_dict(), "mode": "owner", "steps": JAX_STEPS}
-    reports, saved_params = _jax_processes(
-        {**job, "params": str(tmp_path / "params.npz"), "grads": str(tmp_path / "grads0.npz"),
-         "save": multi}, "first", tmp_path)
+    reports = _jax_processes({
+        "specs": JAX_SPECS, "config": config.to_dict(), "mode": "owner",
+        "params": str(tmp_path / "params.npz"),
+        "grads": [str(tmp_path / "grads0.npz"), str(tmp_path / "grads1.npz")],
+        "checkpoint": multi, "refuse": config.replace(second_moment="none").to_dict(),
+        "unwritable": str(tmp_path / "absent" / "x.safetensors")}, tmp_path)
     for report in reports:  # the momentum of the leaves split over the mesh spans processes
         assert report["devices"] == 4
-        assert sum("momentum_buffer" in path for path in report["split"]) == 3, report
-    _assert_close(saved_params, after3, "3 steps on 2 processes")
-    _assert_same_content(multi, single)
-
-    resumed = _jax_single_process(saved_params, grads[JAX_STEPS:], config, resume=multi)
-    _assert_close(resumed, uninterrupted, "2 processes -> 1")
-    refuse = config.replace(second_moment="none").to_dict()
-    reports, resumed = _jax_processes(
-        {**job, "params": str(tmp_path / "first-params.npz"),
-         "grads": str(tmp_path / "grads1.npz"), "resume": multi, "refuse": refuse},
-        "second", tmp_path)
-    _assert_close(resumed, uninterrupted, "2 processes -> 2 processes")
-    for report in reports:
+        for key in ("split", "split_loaded"):
+            assert sum("momentum_buffer" in path for path in report[key]) == 3, report
         assert "second_moment is normuon in the checkpoint, none here" in report["refused"]
+    # An error on one process raises there, and on the other as "process i failed: ...".
+    for failing, key in ((1, "missing"), (0, "unwritable")):
+        error, other = reports[failing][key], reports[1 - failing][key]
+        assert error is not None and not error.startswith("RuntimeError: process"), error
+        assert other == f"RuntimeError: process {failing} failed: {error}", (other, error)
+    saved = _npz(tmp_path / "run-saved.npz")
+    _assert_close(saved, after3, "3 steps on 2 processes")
+    _assert_same_content(multi, single)
+    resumed = _jax_single_process(tx, config, saved, grads[JAX_STEPS:], resume=multi)
+    _assert_close(resumed, uninterrupted, "2 processes -> 1")
+    _assert_close(_npz(tmp_path / "run-resumed.npz"), uninterrupted,
+                  "2 processes -> 2 processes")
