@@ -57,7 +57,7 @@ def _plan(params: Any, config: MuonConfig | None, layout: str,
 def _whole(x: jax.Array) -> np.ndarray:
     """`x` whole in this process's memory. An array spanning several processes is gathered
     from all of them: a collective, which every process calls for the same arrays in order."""
-    if x.is_fully_addressable:
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
         return np.asarray(jax.device_get(x))
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
@@ -117,15 +117,18 @@ def save(path: str | os.PathLike, state: Any, params: Any, config: MuonConfig | 
     match a torch model. Stored: `momentum_buffer`, NorMuon/AdaMuon's `second_moment`,
     AdamW's `mu`/`nu` as `exp_avg`/`exp_avg_sq`, and its `count` as each AdamW parameter's
     `step`. Arrays sharded over devices are gathered whole. With several JAX processes every
-    process calls `save` (arrays spanning processes are gathered on each) and process 0 writes
-    `path`; an error writing it raises on every process.
+    process calls `save`: each array spanning processes is gathered (one at a time), process 0
+    keeps them and writes `path`, and an error writing it raises on every process.
     """
     entries, plan = _plan(params, config, layout, algorithms, names)
+    writer = jax.process_index() == 0  # the others take part in the gathers and keep nothing
     state_out: dict[str, dict[str, ckpt.Tensor]] = {}
     for key, leaves in _leaves(state).items():
         for name, leaf in leaves.items():
             entry = entries[name]
-            state_out.setdefault(entry.name, {})[key] = _to_stored(leaf, entry, layout)
+            stored = _to_stored(leaf, entry, layout)
+            if writer:
+                state_out.setdefault(entry.name, {})[key] = stored
     count = _field(state, *COUNT)
     steps = {}
     if count is not None:
@@ -136,7 +139,7 @@ def save(path: str | os.PathLike, state: Any, params: Any, config: MuonConfig | 
         steps = {n: int(count) for n, s in state_out.items() if "step" in s}
 
     def write() -> None:
-        if jax.process_index() == 0:
+        if writer:
             ckpt.save_checkpoint(path, plan, layout, state_out, steps)
 
     _on_every_process(write)
