@@ -156,8 +156,6 @@ def test_jax_state_sharded_over_two_devices_saves_whole_and_loads_sharded(tmp_pa
     assert stored.tensors["a/second_moment"].shape == (1, 6)
 
 
-
-
 # The multi-process JAX run: 2 processes with 2 CPU devices each, one 4-device mesh "data".
 # Leaves split over it (by rows or by columns) have their state on both processes; the bias
 # and the head stay replicated. Routing: embed, h.0.bias and head take AdamW, the rest Muon.
@@ -232,8 +230,8 @@ def _npz(path):
 def test_jax_state_spanning_two_processes_saves_one_file_and_resumes_anywhere(tmp_path):
     """3 steps on 2 processes, save; resume for 3 steps on one process and, from a fresh
     state, on the 2 processes: both end where 6 uninterrupted single-process steps end, and
-    the 2-process file holds what the single-process one does. A refused load raises on
-    both processes."""
+    the 2-process file holds what the single-process one does. A refused load, a file
+    missing on one process and an unwritable path raise on both processes."""
     pytest.importorskip("jax")
     import muon_jax
 
