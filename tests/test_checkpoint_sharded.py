@@ -1,6 +1,6 @@
 """Portable checkpoints of sharded optimizers: torch `Muon(process_group=...)` on 2 gloo
-processes gathers to a whole file and loads one, and JAX states sharded over a forced 2-device
-mesh save and load whole.
+processes gathers to a whole file and loads one; JAX states sharded over a forced 2-device
+mesh save and load whole, and so do JAX states spanning 2 processes (`jax.distributed`).
 
 The torch runs pass single process -> 2 ranks -> single process through portable files and
 must end where one process ends without interruption; every rank gets the same gradient, so
@@ -18,7 +18,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from muon_conformance.adapters import run_torch_workers  # noqa: E402
+from muon_conformance.adapters import free_port, run_torch_workers  # noqa: E402
 from muon_core import MuonConfig, read_checkpoint  # noqa: E402
 from muon_torch import Muon, load, save  # noqa: E402
 from test_torch_distributed import GQA, SHAPES  # noqa: E402
@@ -50,7 +50,7 @@ def _single_process(params, grads, config, resume=None, saves=None):
 
 
 def _assert_close(got, expected, what):
-    for name in SHAPES:
+    for name in expected:
         error = np.max(np.abs(got[name] - expected[name])) / np.max(np.abs(expected[name]))
         assert error <= 1e-6, f"{what} {name}: relative error {error:.2e}"
 
@@ -130,8 +130,10 @@ JAX_SCRIPT = textwrap.dedent("""
                              state.inner_state)
         placed = jax.tree.map(lambda a, b: a.sharding == b.sharding, loaded.inner_state,
                               template.inner_state)
+        stepped = [jax.jit(tx.update)(grads, s, params)[0] for s in (loaded, state)]
         report[mode] = {"equal": all(jax.tree.leaves(equal)),
                         "placed": all(jax.tree.leaves(placed)),
+                        "steps": all(jax.tree.leaves(jax.tree.map(np.array_equal, *stepped))),
                         "sharded": template.momentum_buffer["a"].sharding.spec[0] == "data"}
     print(json.dumps(report))
 """)
@@ -146,9 +148,120 @@ def test_jax_state_sharded_over_two_devices_saves_whole_and_loads_sharded(tmp_pa
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    sharded = {"equal": True, "placed": True, "sharded": True}
+    sharded = {"equal": True, "placed": True, "steps": True, "sharded": True}
     assert report == {"devices": 2, "owner": sharded, "replicated": sharded}, report
     for mode in ("owner", "replicated"):  # whole tensors, in the canonical (out, in) layout
         stored = read_checkpoint(tmp_path / f"jax-{mode}.safetensors")
         assert stored.tensors["a/momentum_buffer"].shape == (6, 8)
     assert stored.tensors["a/second_moment"].shape == (1, 6)
+
+
+# The multi-process JAX run: 2 processes with 2 CPU devices each, one 4-device mesh "data".
+# Leaves split over it (by rows or by columns) have their state on both processes; the bias
+# and the head stay replicated. Routing: embed, h.0.bias and head take AdamW, the rest Muon.
+JAX_SHAPES = {"embed": (16, 8), "h.0.fc": (8, 16), "h.0.proj": (16, 8), "h.1.fc": (8, 16),
+              "h.0.bias": (8,), "head": (8, 16)}
+JAX_SPECS = {"embed": ["data"], "h.0.fc": ["data"], "h.0.proj": ["data"],
+             "h.1.fc": [None, "data"], "h.0.bias": [], "head": []}
+JAX_STEPS = 3  # 3 steps, save, load, 3 more steps
+WORKERS = os.path.join(os.path.dirname(__file__), "jax_multihost_workers.py")
+
+
+def _jax_inputs(folder):
+    """Parameters and 2 * JAX_STEPS steps of gradients, in memory and as the workers' files:
+    `params.npz`, `grads0.npz` (before the save) and `grads1.npz` (after it)."""
+    rng = np.random.default_rng(5)
+    params = {n: rng.standard_normal(s).astype(np.float32) for n, s in JAX_SHAPES.items()}
+    grads = [{n: rng.standard_normal(s).astype(np.float32) for n, s in JAX_SHAPES.items()}
+             for _ in range(2 * JAX_STEPS)]
+    np.savez(folder / "params.npz", **params)
+    for half in (0, 1):
+        steps = grads[half * JAX_STEPS:(half + 1) * JAX_STEPS]
+        np.savez(folder / f"grads{half}.npz",
+                 **{f"{i}/{n}": v for i, step in enumerate(steps) for n, v in step.items()})
+    return params, grads
+
+
+def _jax_single_process(tx, config, params, grads, resume=None, save=None):
+    """`tx` (unsharded `muon_jax.muon(config)`) on this process's device: load `resume`,
+    step, save to `save`; the final parameters."""
+    import jax
+    import muon_jax
+    import optax
+
+    params = {n: jax.numpy.asarray(p) for n, p in params.items()}
+    state = tx.init(params)
+    if resume is not None:
+        state = muon_jax.load(resume, state, params, config)
+    for step_grads in grads:
+        updates, state = jax.jit(tx.update)(step_grads, state, params)
+        params = optax.apply_updates(params, updates)
+    if save is not None:
+        muon_jax.save(save, state, params, config)
+    return {n: np.asarray(p) for n, p in params.items()}
+
+
+def _jax_processes(job, folder, processes=2, timeout=600):
+    """Run `jax_multihost_workers.py` on `processes` processes joined by `jax.distributed`
+    on 127.0.0.1 (2 CPU devices each); each process's report."""
+    job = {**job, "port": free_port(), "processes": processes, "out": str(folder / "run")}
+    (folder / "job.json").write_text(json.dumps(job))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1")
+    workers = [subprocess.Popen([sys.executable, WORKERS, str(folder / "job.json"), str(i)],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True) for i in range(processes)]
+    try:
+        logs = [w.communicate(timeout=timeout)[0] for w in workers]
+    finally:
+        for worker in workers:
+            worker.kill()
+    failed = [i for i, w in enumerate(workers) if w.returncode != 0]
+    assert not failed, "\n".join(f"--- process {i}:\n{logs[i][-3000:]}" for i in failed)
+    return [json.loads((folder / f"run-{i}.json").read_text()) for i in range(processes)]
+
+
+def _npz(path):
+    with np.load(path) as stored:
+        return {n: stored[n] for n in JAX_SHAPES}
+
+
+@pytest.mark.jax
+def test_jax_state_spanning_two_processes_saves_one_file_and_resumes_anywhere(tmp_path):
+    """3 steps on 2 processes, save; resume for 3 steps on one process and, from a fresh
+    state, on the 2 processes: both end where 6 uninterrupted single-process steps end, and
+    the 2-process file holds what the single-process one does. A refused load, a file
+    missing on one process and an unwritable path raise on both processes."""
+    pytest.importorskip("jax")
+    import muon_jax
+
+    config = MuonConfig(ns_dtype="float32", second_moment="normuon")
+    tx = muon_jax.muon(config)
+    params, grads = _jax_inputs(tmp_path)
+    uninterrupted = _jax_single_process(tx, config, params, grads)
+    single = str(tmp_path / "single.safetensors")
+    after3 = _jax_single_process(tx, config, params, grads[:JAX_STEPS], save=single)
+    multi = str(tmp_path / "multi.safetensors")
+    reports = _jax_processes({
+        "specs": JAX_SPECS, "config": config.to_dict(), "mode": "owner",
+        "params": str(tmp_path / "params.npz"),
+        "grads": [str(tmp_path / "grads0.npz"), str(tmp_path / "grads1.npz")],
+        "checkpoint": multi, "refuse": config.replace(second_moment="none").to_dict(),
+        "unwritable": str(tmp_path / "absent" / "x.safetensors")}, tmp_path)
+    for report in reports:  # the momentum of the leaves split over the mesh spans processes
+        assert report["devices"] == 4
+        for key in ("split", "split_loaded"):
+            assert sum("momentum_buffer" in path for path in report[key]) == 3, report
+        assert "second_moment is normuon in the checkpoint, none here" in report["refused"]
+    # An error on one process raises there, and on the other as "process i failed: ...".
+    for failing, key in ((1, "missing"), (0, "unwritable")):
+        error, other = reports[failing][key], reports[1 - failing][key]
+        assert error is not None and not error.startswith("RuntimeError: process"), error
+        assert other == f"RuntimeError: process {failing} failed: {error}", (other, error)
+    saved = _npz(tmp_path / "run-saved.npz")
+    _assert_close(saved, after3, "3 steps on 2 processes")
+    _assert_same_content(multi, single)
+    resumed = _jax_single_process(tx, config, saved, grads[JAX_STEPS:], resume=multi)
+    _assert_close(resumed, uninterrupted, "2 processes -> 1")
+    _assert_close(_npz(tmp_path / "run-resumed.npz"), uninterrupted,
+                  "2 processes -> 2 processes")

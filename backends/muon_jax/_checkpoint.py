@@ -1,16 +1,23 @@
-"""The portable checkpoint (see `muon_core.save_checkpoint`) for `muon` states: `save`, `load`."""
+"""The portable checkpoint (see `muon_core.save_checkpoint`) for `muon` states: `save`, `load`.
+
+With several JAX processes (`jax.distributed`) both are collective: every process calls them
+with the same arguments. `save` gathers each array whole and process 0 writes the file; `load`
+reads the file on every process, which builds only the shards on its own devices; a failure on
+any process raises on every process.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from muon_core import MuonConfig
 from muon_core import _checkpoint as ckpt
 
@@ -26,6 +33,9 @@ NUMPY_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
                 "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
                 "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 CODES = {np.dtype(d): code for code, d in NUMPY_DTYPES.items()}
+# Bytes of an error message that a failing process shares with the others.
+MESSAGE_BYTES = 2048
+T = TypeVar("T")
 
 
 def _where(owner: str):
@@ -44,9 +54,42 @@ def _plan(params: Any, config: MuonConfig | None, layout: str,
     return {e.name: s for e, s in zip(plan, saved)}, saved
 
 
+def _whole(x: jax.Array) -> np.ndarray:
+    """`x` whole in this process's memory. An array spanning several processes is gathered
+    from all of them: a collective, which every process calls for the same arrays in order."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _on_every_process(action: Callable[[], T]) -> T:
+    """`action()`, raising on every process when it raises on any (a collective with several
+    processes): a process that did not fail raises RuntimeError with the failing one's
+    message."""
+    if jax.process_count() == 1:
+        return action()
+    result, error = None, None
+    try:
+        result = action()
+    except Exception as caught:  # shared with the other processes, then raised again below
+        error = caught
+    message = np.zeros(MESSAGE_BYTES + 1, np.uint8)
+    if error is not None:
+        text = f"{type(error).__name__}: {error}".encode()[:MESSAGE_BYTES]
+        message[0], message[1:len(text) + 1] = 1, np.frombuffer(text, np.uint8)
+    shared = np.asarray(multihost_utils.process_allgather(message))
+    if error is not None:
+        raise error
+    failed = [process for process, row in enumerate(shared) if row[0]]
+    if failed:
+        text = bytes(shared[failed[0], 1:]).rstrip(b"\0").decode(errors="replace")
+        raise RuntimeError(f"process {failed[0]} failed: {text}")
+    return result
+
+
 def _to_stored(x: Any, entry: Any, layout: str) -> ckpt.Tensor:
-    """`x` (gathered whole from its devices) in the canonical layout, as bytes."""
-    array = np.asarray(jax.device_get(x))
+    """`x`, gathered whole, in the canonical layout, as bytes."""
+    array = _whole(x)
     array = np.ascontiguousarray(np.transpose(array, ckpt.stored_perm(entry, array.shape, layout)))
     return ckpt.Tensor(CODES[array.dtype], array.shape, array.tobytes())
 
@@ -73,22 +116,33 @@ def save(path: str | os.PathLike, state: Any, params: Any, config: MuonConfig | 
     `names` maps leaf names to the names stored, e.g. `{"fc1.kernel": "fc1.weight"}` to
     match a torch model. Stored: `momentum_buffer`, NorMuon/AdaMuon's `second_moment`,
     AdamW's `mu`/`nu` as `exp_avg`/`exp_avg_sq`, and its `count` as each AdamW parameter's
-    `step`. Arrays sharded over devices are gathered whole.
+    `step`. Arrays sharded over devices are gathered whole. With several JAX processes every
+    process calls `save`: each array spanning processes is gathered (one at a time), process 0
+    keeps them and writes `path`, and an error writing it raises on every process.
     """
     entries, plan = _plan(params, config, layout, algorithms, names)
+    writer = jax.process_index() == 0  # the others take part in the gathers and keep nothing
     state_out: dict[str, dict[str, ckpt.Tensor]] = {}
     for key, leaves in _leaves(state).items():
         for name, leaf in leaves.items():
             entry = entries[name]
-            state_out.setdefault(entry.name, {})[key] = _to_stored(leaf, entry, layout)
+            stored = _to_stored(leaf, entry, layout)
+            if writer:
+                state_out.setdefault(entry.name, {})[key] = stored
     count = _field(state, *COUNT)
     steps = {}
     if count is not None:
+        count = _whole(count)
         for name, saved in state_out.items():
             if "exp_avg" in saved:
                 saved["step"] = ckpt.Tensor("F32", (), np.float32(count).tobytes())
         steps = {n: int(count) for n, s in state_out.items() if "step" in s}
-    ckpt.save_checkpoint(path, plan, layout, state_out, steps)
+
+    def write() -> None:
+        if writer:
+            ckpt.save_checkpoint(path, plan, layout, state_out, steps)
+
+    _on_every_process(write)
 
 
 def _from_stored(t: ckpt.Tensor) -> np.ndarray:
@@ -105,8 +159,28 @@ def load(path: str | os.PathLike, state_template: Any, params: Any,
     format version, for other parameter names or shapes, routed otherwise, or with another
     second moment (one saved without `second_moment` into a state with one, or the reverse).
     Buffers take the template's dtypes and shardings; parameters without stored state keep
-    the template's (zero) state.
+    the template's (zero) state. With several JAX processes every process calls `load` and
+    reads `path` (a file all of them see), builds only the shards on its own devices, and a
+    refusal or error on any process raises on every process.
     """
+    return _on_every_process(lambda: _loaded(path, state_template, params, config, layout,
+                                             algorithms, names))
+
+
+def _placed(value: np.ndarray, like: jax.Array) -> jax.Array:
+    """`value` in `like`'s dtype, placed as `like` is: with its sharding (each process builds
+    only the shards on its own devices) when committed, else uncommitted, as `tx.init` leaves
+    the state it creates apart from the parameters (jit moves it where it is used)."""
+    value = value.astype(like.dtype)
+    if not like.committed:
+        return jnp.asarray(value)
+    return jax.make_array_from_callback(value.shape, like.sharding, lambda index: value[index])
+
+
+def _loaded(path: str | os.PathLike, state_template: Any, params: Any,
+            config: MuonConfig | None, layout: str, algorithms: Mapping[str, str] | None,
+            names: Mapping[str, str] | None) -> Any:
+    """`load` on this process alone."""
     checkpoint = ckpt.read_checkpoint(path)
     entries, plan = _plan(params, config, layout, algorithms, names)
     ckpt.check_matches(checkpoint, plan, layout, path)
@@ -118,7 +192,7 @@ def load(path: str | os.PathLike, state_template: Any, params: Any,
             return leaf
         value = _from_stored(stored)
         value = np.transpose(value, ckpt.loaded_perm(entry, value.shape, layout))
-        return jax.device_put(value.astype(leaf.dtype), leaf.sharding)
+        return _placed(value, leaf)
 
     changes = []
     for key, (owner, field) in BUFFERS.items():
@@ -137,7 +211,7 @@ def load(path: str | os.PathLike, state_template: Any, params: Any,
         adamw = [r["name"] for r in checkpoint.plan if r["algorithm"] == "adamw"]
         step = ckpt.common_step((checkpoint.steps[n] for n in adamw if n in checkpoint.steps),
                                 "the checkpoint's AdamW parameters")
-        changes.append((*COUNT, jnp.asarray(step, dtype=count.dtype)))
+        changes.append((*COUNT, _placed(np.asarray(step), count)))
     for owner, field, value in changes:
         state_template = optax.tree_utils.tree_set(state_template, _where(owner),
                                                    **{field: value})
