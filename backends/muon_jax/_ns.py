@@ -44,13 +44,17 @@ def ns_dtype(name: str) -> Any:
 # diagonal rightwards (about half the multiply-adds), the rest mirrored. None: "blocked" on CPU
 # (measured faster there, docs/benchmarks.md), "full" elsewhere.
 SYMMETRIC = ("full", "blocked")
-# Rows per strip of the blocked product; None: `_strip_rows`'s choice.
+# The choice when none is passed (read when an update is traced); None: per device.
+SYMMETRIC_DEFAULT: str | None = None
+# Rows per strip of the blocked product (read when traced); None: `_strip_rows`'s choice.
 STRIP_ROWS: int | None = None
 
 
 def symmetric_products(choice: str | None = None) -> str:
-    """How the symmetric products are computed: `choice` when given (one of `SYMMETRIC`),
-    else "blocked" when JAX's default device is a CPU and "full" otherwise."""
+    """How the symmetric products are computed: `choice` when given (one of `SYMMETRIC`), else
+    `SYMMETRIC_DEFAULT` when set, else "blocked" when JAX's default device is a CPU and "full"
+    otherwise."""
+    choice = choice or SYMMETRIC_DEFAULT
     if choice is None:
         return "blocked" if device_facts().kind == "cpu" else "full"
     if choice not in SYMMETRIC:
