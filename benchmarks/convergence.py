@@ -1,13 +1,16 @@
-"""Convergence of the default Gram Newton-Schulz against the standard iteration, as markdown.
+"""Convergence of Newton-Schulz variants on the char model (Gram against standard, or
+coefficient schedules), as markdown.
 
-    python benchmarks/convergence.py [--steps 300] [--seeds 0 1 2]
+    python benchmarks/convergence.py [--steps 300] [--seeds 0 1 2] [--compare algorithm|schedule]
 
 The char model example (`examples/char_gpt_torch.py`: `CharGPT`, context 64, batches of 32,
-`examples/muon.toml`, keller coefficients, 5 steps, float32) is trained once per seed and per
-`ns_algorithm`, both from the same initial weights and batches for a given seed, on the
-training part of the text. Reported per algorithm: the held-out loss after the last step (64
-sequences of the held-out part) and the mean training loss of the last 20 steps, as mean and
-spread (min to max, and the sample standard deviation) over the seeds.
+`examples/muon.toml`, float32 Newton-Schulz) is trained once per seed and per variant, all from
+the same initial weights and batches for a given seed, on the training part of the text.
+`--compare algorithm` (default) trains `ns_algorithm="gram"` and `"standard"` at the file's
+keller-5 schedule; `--compare schedule` trains keller-5 and quintic-4 with the default
+`ns_algorithm`. Reported per variant: the held-out loss after the last step (64 sequences of
+the held-out part) and the mean training loss of the last 20 steps, as mean and spread (min to
+max, and the sample standard deviation) over the seeds.
 """
 
 from __future__ import annotations
@@ -26,7 +29,12 @@ from muon_torch import Muon
 from torch.nn import functional as F
 
 CONFIG = Path(__file__).resolve().parent.parent / "examples" / "muon.toml"
-ALGORITHMS = ("gram", "standard")
+# The config changes each comparison trains, by variant name.
+VARIANTS = {
+    "algorithm": {"gram": {"ns_algorithm": "gram"}, "standard": {"ns_algorithm": "standard"}},
+    "schedule": {"keller-5": {"ns_coefficients": "keller", "ns_steps": 5},
+                 "quintic-4": {"ns_coefficients": "quintic", "ns_steps": 4}},
+}
 CONTEXT, BATCH, HELD_OUT, LAST = 64, 32, 64, 20
 
 
@@ -60,27 +68,29 @@ def spread(values: list[float]) -> str:
 
 
 def main() -> None:
-    """Train every (algorithm, seed) pair and print the per-seed values and a summary table."""
+    """Train every (variant, seed) pair and print the per-seed values and a summary table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--compare", choices=list(VARIANTS), default="algorithm")
     args = parser.parse_args()
     torch.set_num_threads(1)
     base = dataclasses.replace(MuonConfig.from_file(str(CONFIG)), ns_dtype="float32")
-    results = {alg: [train(dataclasses.replace(base, ns_algorithm=alg), args.steps, seed)
-                     for seed in args.seeds] for alg in ALGORITHMS}
-    metrics = list(results[ALGORITHMS[0]][0])
+    variants = VARIANTS[args.compare]
+    results = {name: [train(dataclasses.replace(base, **changes), args.steps, seed)
+                      for seed in args.seeds] for name, changes in variants.items()}
+    metrics = list(next(iter(results.values()))[0])
+    label = "ns_algorithm" if args.compare == "algorithm" else "schedule"
     print(f"{args.steps} steps, seeds {args.seeds}\n")
-    print("| ns_algorithm | seed | " + " | ".join(metrics) + " |")
+    print(f"| {label} | seed | " + " | ".join(metrics) + " |")
     print("|---|---|" + "---|" * len(metrics))
-    for alg, runs in results.items():
+    for name, runs in results.items():
         for seed, run in zip(args.seeds, runs):
-            print(f"| {alg} | {seed} | " + " | ".join(f"{run[m]:.4f}" for m in metrics) + " |")
-    print("\n| ns_algorithm | " + " | ".join(f"{m}: mean ± std (min-max)" for m in metrics) + " |")
+            print(f"| {name} | {seed} | " + " | ".join(f"{run[m]:.4f}" for m in metrics) + " |")
+    print(f"\n| {label} | " + " | ".join(f"{m}: mean ± std (min-max)" for m in metrics) + " |")
     print("|---|" + "---|" * len(metrics))
-    for alg, runs in results.items():
-        print(f"| {alg} | " + " | ".join(spread([r[m] for r in runs]) for m in metrics) + " |")
-
+    for name, runs in results.items():
+        print(f"| {name} | " + " | ".join(spread([r[m] for r in runs]) for m in metrics) + " |")
 
 if __name__ == "__main__":
     main()

@@ -101,6 +101,22 @@ def test_moonlight_preset_shares_one_lr_and_decay_with_adamw():
     assert (cfg.lr, cfg.weight_decay) == (cfg.adamw.lr, cfg.adamw.weight_decay) == (2e-4, 0.05)
 
 
+def test_quintic4_preset_is_closer_to_the_polar_factor_than_the_default_schedule():
+    # Against the float64 SVD polar factor U V^T of a Gaussian matrix (numpy, independent of
+    # the iteration): the preset's 4 steps land closer than the default's 5 (docs: 0.147
+    # against 0.318 in spectral distance on the kept directions).
+    import numpy as np
+    from muon_core import orthogonalize
+
+    g = np.random.default_rng(0).normal(size=(64, 256))
+    u, _, vt = np.linalg.svd(g, full_matrices=False)
+    preset, default = MuonConfig.quintic4(lr=0.01), MuonConfig()
+    assert (preset.lr, preset.ns_steps, preset.ns_coefficients) == (0.01, 4, "quintic")
+    errors = [np.linalg.norm(orthogonalize(g, c.ns_steps, c.ns_coefficients) - u @ vt, 2)
+              for c in (preset, default)]
+    assert errors[0] < errors[1]
+
+
 def test_with_overrides_keeps_adamw_fields_it_does_not_name():
     base = MuonConfig(adamw={"lr": 1e-3, "betas": (0.8, 0.9), "weight_decay": 0.0})
     merged = base.with_overrides({"lr": 0.05, "adamw": {"eps": 1e-6}})

@@ -50,7 +50,8 @@ def test_accuracy_rows_cover_every_shape_and_contender():
     # TINY's Muon matrices in torch layout: qkv 48x16, proj 16x16, fc 64x16, mlp.proj 16x64.
     assert shapes == {(48, 16), (16, 16), (64, 16), (16, 64)}
     contenders = {r["what"] for r in rows}
-    assert contenders == {bench.PEER} | {w for w, c in bench.ROWS.items() if not c.split_qkv}
+    assert contenders == {bench.PEER} | {w for w, c in bench.ROWS.items()
+                                           if not c.config.split_qkv}
     for row in rows:
         # Every five- or four-step schedule keeps the kept directions' gains within (0, 2).
         assert 0.0 < row["min_sigma"] <= row["max_sigma"] < 2.0

@@ -9,6 +9,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 import muon_core
@@ -38,6 +39,51 @@ def ns_dtype(name: str) -> Any:
     return resolve_dtype(name, jnp, facts=device_facts() if name == "auto" else None)
 
 
+# How Newton-Schulz computes its symmetric m x m products (`X X^T`, `A^2`, and every m x m
+# product of the Gram form): "full" products, or "blocked": only strips of rows from the
+# diagonal rightwards (about half the multiply-adds), the rest mirrored. None: "blocked" on CPU
+# (measured faster there, docs/benchmarks.md), "full" elsewhere.
+SYMMETRIC = ("full", "blocked")
+# The choice when none is passed (read when an update is traced); None: per device.
+SYMMETRIC_DEFAULT: str | None = None
+# Rows per strip of the blocked product (read when traced); None: `_strip_rows`'s choice.
+STRIP_ROWS: int | None = None
+
+
+def symmetric_products(choice: str | None = None) -> str:
+    """How the symmetric products are computed: `choice` when given (one of `SYMMETRIC`), else
+    `SYMMETRIC_DEFAULT` when set, else "blocked" when JAX's default device is a CPU and "full"
+    otherwise."""
+    choice = choice or SYMMETRIC_DEFAULT
+    if choice is None:
+        return "blocked" if device_facts().kind == "cpu" else "full"
+    if choice not in SYMMETRIC:
+        raise ValueError(f"symmetric={choice!r} is invalid: expected one of {SYMMETRIC} or None")
+    return choice
+
+
+def _strip_rows(m: int) -> int:
+    """About six strips, a multiple of 64 rows and at least 128."""
+    return STRIP_ROWS or max(128, 64 * -(-m // (6 * 64)))
+
+
+def _blocked_product(p: jax.Array, q: jax.Array, matmul: Any) -> jax.Array:
+    """`p @ q^T` for `(..., m, k)` operands whose product is symmetric, from its upper strips:
+    rows `[s, s + h)` of `p` times rows `[s, m)` of `q` per strip, the part left of each
+    strip's diagonal block taken from the transpose. (XLA on CPU runs these row slices of
+    both operands faster than column slices of `q^T`.)"""
+    m = p.shape[-2]
+    strip = _strip_rows(m)
+    if strip >= m:
+        return matmul(p, q.mT)
+    pad = [(0, 0)] * (p.ndim - 2)
+    upper = jnp.concatenate(
+        [jnp.pad(matmul(p[..., s:s + strip, :], q[..., s:, :].mT), pad + [(0, 0), (s, 0)])
+         for s in range(0, m, strip)], axis=-2)
+    block = np.arange(m) // strip
+    return jnp.where(block[:, None] <= block[None, :], upper, upper.mT)
+
+
 def _normalised(wide: jax.Array, schedule: NSSchedule, eps: float) -> jax.Array:
     """`wide / max(norm_scale * ||wide||_F, eps)` per matrix. Both sides are first scaled by
     `2^-k`, `k >= 0` the binary exponent of the largest `|entry|` (at most that of the
@@ -51,12 +97,14 @@ def _normalised(wide: jax.Array, schedule: NSSchedule, eps: float) -> jax.Array:
     return scaled / jnp.maximum(norm, eps * power)
 
 
-def _newton_schulz(x: jax.Array, schedule: NSSchedule, eps: float) -> jax.Array:
+def _newton_schulz(x: jax.Array, schedule: NSSchedule, eps: float,
+                   symmetric: str = "full") -> jax.Array:
     """Orthogonalize a batch `(..., m, n)` with m <= n in `x.dtype`.
 
     Matrix products take `x.dtype` inputs and accumulate in at least float32; the
     elementwise combinations, the Frobenius norm and the coefficients stay in that wider
-    type, so bfloat16 rounds only what feeds the next product.
+    type, so bfloat16 rounds only what feeds the next product. `symmetric` (one of
+    `SYMMETRIC`) names how the products with a symmetric result are computed.
     """
     acc = jnp.promote_types(x.dtype, jnp.float32)
     precision = lax.Precision.DEFAULT if x.dtype == jnp.bfloat16 else lax.Precision.HIGHEST
@@ -64,44 +112,56 @@ def _newton_schulz(x: jax.Array, schedule: NSSchedule, eps: float) -> jax.Array:
     def matmul(p: jax.Array, q: jax.Array) -> jax.Array:
         return jnp.matmul(p, q, precision=precision, preferred_element_type=acc)
 
+    sym = _symmetric_matmul(symmetric, matmul)
     x = _normalised(x.astype(acc), schedule, eps).astype(x.dtype)
     if uses_gram(schedule, x.shape[-2], x.shape[-1], x.dtype == jnp.bfloat16):
-        return matmul(_gram_iterations(matmul(x, x.mT), schedule).astype(x.dtype), x).astype(
-            x.dtype)
+        q = _gram_iterations(sym(x, x), schedule, symmetric)
+        return matmul(q.astype(x.dtype), x).astype(x.dtype)
 
     def iteration(x: jax.Array, abc: jax.Array) -> tuple[jax.Array, None]:
         a, b, c = abc[0], abc[1], abc[2]
-        gram = matmul(x, x.mT)
+        gram = sym(x, x)
         narrow = gram.astype(x.dtype)
-        poly = (b * gram + c * matmul(narrow, narrow)).astype(x.dtype)
+        poly = (b * gram + c * sym(narrow, narrow)).astype(x.dtype)
         return (a * x + matmul(poly, x)).astype(x.dtype), None
 
     x, _ = lax.scan(iteration, x, jnp.asarray(schedule.coefficients, dtype=acc))
     return x
 
 
-def _gram_iterations(gram: jax.Array, schedule: NSSchedule) -> jax.Array:
+def _symmetric_matmul(symmetric: str, matmul: Any) -> Any:
+    """`p, q -> p @ q^T` through `matmul`, for products with a symmetric result, computed as
+    `symmetric` says. (With `q` symmetric that is `p @ q`.)"""
+    if symmetric == "blocked":
+        return functools.partial(_blocked_product, matmul=matmul)
+    return lambda p, q: matmul(p, q.mT)
+
+
+def _gram_iterations(gram: jax.Array, schedule: NSSchedule, symmetric: str = "full") -> jax.Array:
     """The m x m part of Gram Newton-Schulz (see `muon_core`): `Q` from `A = X X^T` (in
-    float32 or wider, at the highest matmul precision)."""
+    float32 or wider, at the highest matmul precision). Every product is symmetric (all are
+    polynomials in `A`), computed as `symmetric` says."""
 
     def matmul(p: jax.Array, q: jax.Array) -> jax.Array:
         return jnp.matmul(p, q, precision=lax.Precision.HIGHEST)
 
+    sym = _symmetric_matmul(symmetric, matmul)
     eye = jnp.eye(gram.shape[-1], dtype=gram.dtype)
     q = None
     last = len(schedule.coefficients) - 1
     for i, (a, b, c) in enumerate(schedule.coefficients):
-        square = matmul(gram, gram)
+        square = sym(gram, gram)
         poly = a * eye + b * gram + c * square
-        q = poly if q is None else matmul(poly, q)
+        q = poly if q is None else sym(poly, q)
         if i < last:
-            gram = matmul(a * gram + b * square + c * matmul(gram, square), poly)
+            gram = sym(a * gram + b * square + c * sym(gram, square), poly)
     return q
 
 
 def orthogonalize_batch(blocks: Sequence[jax.Array], schedule: NSSchedule, eps: float,
-                        dtype: Any) -> list[jax.Array]:
-    """Orthogonalize each `(batch, rows, cols)` block in `dtype`; results keep their inputs' dtype.
+                        dtype: Any, symmetric: str | None = None) -> list[jax.Array]:
+    """Orthogonalize each `(batch, rows, cols)` block in `dtype`; results keep their inputs' dtype;
+    `symmetric` as in `symmetric_products`.
 
     Tall blocks are transposed so rows <= cols; blocks of one oriented shape are concatenated
     along the batch axis and go through a single Newton-Schulz call.
@@ -112,8 +172,10 @@ def orthogonalize_batch(blocks: Sequence[jax.Array], schedule: NSSchedule, eps: 
     for index, block in enumerate(oriented):
         groups.setdefault(block.shape[1:], []).append(index)
     results: list[Any] = [None] * len(blocks)
+    symmetric = symmetric_products(symmetric)
     for indices in groups.values():
-        stacked = _newton_schulz(jnp.concatenate([oriented[i] for i in indices]), schedule, eps)
+        stacked = _newton_schulz(jnp.concatenate([oriented[i] for i in indices]), schedule, eps,
+                                 symmetric)
         ends = list(itertools.accumulate(oriented[i].shape[0] for i in indices))
         for i, piece in zip(indices, jnp.split(stacked, ends[:-1])):
             tall = blocks[i].shape[1] > blocks[i].shape[2]
@@ -122,12 +184,14 @@ def orthogonalize_batch(blocks: Sequence[jax.Array], schedule: NSSchedule, eps: 
 
 
 def orthogonalize(G: jax.Array, steps: int = 5, coefficients: Any = "keller", eps: float = 1e-7,
-                  dtype: str | None = None, algorithm: str = "standard") -> jax.Array:
+                  dtype: str | None = None, algorithm: str = "standard",
+                  symmetric: str | None = None) -> jax.Array:
     """`muon_core.orthogonalize` in jax.numpy: the approximate polar factor of `G` (..., m, n).
 
     `dtype` names the working precision ("bfloat16", "float32", "float64"; default: the
-    input's); the result has the input's dtype; `algorithm` as in the core. Jittable; the
-    schedule is static.
+    input's); the result has the input's dtype; `algorithm` as in the core; `symmetric` how
+    the symmetric products are computed ("full" or "blocked"; default per device, see
+    `symmetric_products`). Jittable; the schedule is static.
     """
     G = jnp.asarray(G)
     if G.ndim < 2:
@@ -138,5 +202,6 @@ def orthogonalize(G: jax.Array, steps: int = 5, coefficients: Any = "keller", ep
     work = G.dtype if dtype is None else ns_dtype(dtype)
     tall = G.shape[-2] > G.shape[-1]
     x = G.astype(work).mT if tall else G.astype(work)
-    x = _newton_schulz(x, ns_schedule(coefficients, steps, algorithm), eps)
+    x = _newton_schulz(x, ns_schedule(coefficients, steps, algorithm), eps,
+                       symmetric_products(symmetric))
     return (x.mT if tall else x).astype(G.dtype)

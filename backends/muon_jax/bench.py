@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ from optax.contrib._muon import orthogonalize_via_newton_schulz
 from muon_cli.benchtools import gpt2_shapes, interleaved_times, peer_schedule, polar_errors
 from muon_core import MuonConfig
 
+from muon_jax import _ns
 from muon_jax._plan import plan_for
 from muon_jax._ns import orthogonalize
 from muon_jax._transform import muon
@@ -76,12 +78,17 @@ def _random(shapes: Mapping[str, tuple[int, ...]], seed: int) -> dict[str, jax.A
             for n, s in shapes.items()}
 
 
-def _timed_update(tx: optax.GradientTransformation, params: dict,
-                  grads: dict) -> Callable[[], object]:
+def _timed_update(tx: optax.GradientTransformation, params: dict, grads: dict,
+                  symmetric: str | None = None) -> Callable[[], object]:
     """A call of `tx`'s compiled update that donates its state and keeps the new one, as a
-    training loop does: no second copy of the state is alive during the update."""
+    training loop does: no second copy of the state is alive during the update. `symmetric`:
+    how its Newton-Schulz computes symmetric products (None: `muon_jax`'s default)."""
     state = [tx.init(params)]
-    compiled = jax.jit(tx.update, donate_argnums=1).lower(grads, state[0], params).compile()
+    saved, _ns.SYMMETRIC_DEFAULT = _ns.SYMMETRIC_DEFAULT, symmetric
+    try:
+        compiled = jax.jit(tx.update, donate_argnums=1).lower(grads, state[0], params).compile()
+    finally:
+        _ns.SYMMETRIC_DEFAULT = saved
 
     def call() -> None:
         updates, state[0] = compiled(grads, state[0], params)
@@ -95,18 +102,29 @@ def _row(what: str, times: Mapping[str, float]) -> dict:
             "ratio": times["ours"] / times["peer"], "peer": PEER}
 
 
-# Our rows: the config each times against the peer at SETTINGS. quintic x4 is closer to the
-# polar factor than keller x5 on every shape (see `accuracy_on`), so it is no loss of accuracy.
-ROWS = {"jitted update, fp32 NS, same settings": SETTINGS,
-        "jitted update, fp32 NS, gram": SETTINGS.replace(ns_algorithm="gram"),
-        "jitted update, fp32 NS, gram, quintic x4": SETTINGS.replace(
-            ns_algorithm="gram", ns_coefficients="quintic", ns_steps=4),
+class Contender(NamedTuple):
+    """One of our rows: the config timed against the peer, and how Newton-Schulz computes its
+    symmetric products (`muon_jax._ns.SYMMETRIC`; None: the device's default, "blocked" on CPU)."""
+
+    config: MuonConfig
+    symmetric: str | None = None
+
+
+_GRAM = SETTINGS.replace(ns_algorithm="gram")
+_QUINTIC_4 = _GRAM.replace(ns_coefficients="quintic", ns_steps=4)
+# Our rows, each timed against the peer at SETTINGS. quintic x4 is closer to the polar factor
+# than keller x5 on every shape (see `accuracy_on`), so it is no loss of accuracy.
+ROWS = {"jitted update, fp32 NS, same settings": Contender(SETTINGS),
+        "jitted update, fp32 NS, gram": Contender(_GRAM),
+        "jitted update, fp32 NS, gram, quintic x4": Contender(_QUINTIC_4),
         "jitted update, fp32 NS, our defaults (QKV split, gram)":
-            SETTINGS.replace(split_qkv=True, ns_algorithm="gram")}
+            Contender(SETTINGS.replace(split_qkv=True, ns_algorithm="gram")),
+        "jitted update, fp32 NS, gram, plain products": Contender(_GRAM, "full"),
+        "jitted update, fp32 NS, gram, quintic x4, plain products": Contender(_QUINTIC_4, "full")}
 
 
 def compare_on(shapes: Mapping[str, tuple[int, ...]], rounds: int = 5,
-               threads: int | None = 1, rows: Mapping[str, MuonConfig] = ROWS) -> list[dict]:
+               threads: int | None = 1, rows: Mapping[str, Contender] = ROWS) -> list[dict]:
     """Timings on the torch-layout parameter set `shapes` (see `compare`): the peer and every
     row of `rows` (default `ROWS`) interleaved in one run, so each ratio uses the same peer
     samples."""
@@ -114,8 +132,8 @@ def compare_on(shapes: Mapping[str, tuple[int, ...]], rounds: int = 5,
     flax_shapes = in_out_shapes(shapes)
     params, grads = _random(flax_shapes, 0), _random(flax_shapes, 1)
     contenders = {"peer": _timed_update(peer_transform(params, SETTINGS), params, grads)}
-    contenders |= {what: _timed_update(muon(config), params, grads)
-                   for what, config in rows.items()}
+    contenders |= {what: _timed_update(muon(row.config), params, grads, row.symmetric)
+                   for what, row in rows.items()}
     times = interleaved_times(contenders, rounds=rounds, warmup=1)
     return [_row(what, {"ours": times[what], "peer": times["peer"]}) for what in rows]
 
@@ -135,14 +153,15 @@ def accuracy_on(shapes: Mapping[str, tuple[int, ...]], seed: int = 0) -> list[di
     plan = plan_for({n: jax.ShapeDtypeStruct(s, jnp.float32)
                      for n, s in in_out_shapes(shapes).items()}, SETTINGS)
     matrix_shapes = sorted({(e.matrix_shape[1], e.matrix_shape[2]) for e in plan.muon})
+    # Compiled whole, as in the update: eager, each strip of the blocked products is its own op.
+    ours = jax.jit(orthogonalize, static_argnums=(1, 2, 3, 4, 5, 6))
     rows = []
     for shape in matrix_shapes:
         g = rng.standard_normal(shape)
         results = {PEER: _peer_orthogonalize(jnp.asarray(g, jnp.float32), SETTINGS)}
-        results |= {what: orthogonalize(jnp.asarray(g, jnp.float32), config.ns_steps,
-                                        config.ns_coefficients, config.eps, "float32",
-                                        config.ns_algorithm)
-                    for what, config in ROWS.items() if not config.split_qkv}
+        results |= {what: ours(jnp.asarray(g, jnp.float32), c.ns_steps, c.ns_coefficients,
+                               c.eps, "float32", c.ns_algorithm, symmetric)
+                    for what, (c, symmetric) in ROWS.items() if not c.split_qkv}
         for what, o in results.items():
             low, high, distance = polar_errors(g, np.asarray(o, np.float64))
             rows.append({"shape": shape, "what": what, "min_sigma": low, "max_sigma": high,
