@@ -15,6 +15,8 @@ import muon_core
 from muon_core import DeviceFacts, NSSchedule, ns_schedule, resolve_dtype
 from muon_core._ns import uses_gram
 
+from muon_jax._chunks import in_chunks, stack_in_place
+
 
 @functools.cache
 def device_facts() -> DeviceFacts:
@@ -38,21 +40,32 @@ def ns_dtype(name: str) -> Any:
     return resolve_dtype(name, jnp, facts=device_facts() if name == "auto" else None)
 
 
-def _normalised(wide: jax.Array, schedule: NSSchedule, eps: float) -> jax.Array:
-    """`wide / max(norm_scale * ||wide||_F, eps)` per matrix. Both sides are first scaled by
-    `2^-k`, `k >= 0` the binary exponent of the largest `|entry|` (at most that of the
-    smallest normal number: XLA flushes subnormals to zero): exact, so no bit of the result
-    changes, but the squares cannot overflow for entries up to the dtype's largest."""
+def _norm_factors(wide: jax.Array, schedule: NSSchedule,
+                  eps: float) -> tuple[jax.Array, jax.Array]:
+    """`(power, divisor)`, each `(..., 1, 1)`, with `_normalised(wide) = wide * power / divisor`."""
     biggest = jnp.max(jnp.abs(wide), axis=(-2, -1), keepdims=True)
     exponent = jnp.clip(jnp.frexp(biggest)[1], 0, -jnp.finfo(wide.dtype).minexp)
     power = jnp.ldexp(jnp.ones_like(biggest), -exponent)
     scaled = wide * power
     norm = jnp.sqrt(jnp.sum(scaled * scaled, axis=(-2, -1), keepdims=True)) * schedule.norm_scale
-    return scaled / jnp.maximum(norm, eps * power)
+    return power, jnp.maximum(norm, eps * power)
 
 
-def _newton_schulz(x: jax.Array, schedule: NSSchedule, eps: float) -> jax.Array:
-    """Orthogonalize a batch `(..., m, n)` with m <= n in `x.dtype`.
+def _normalised(wide: jax.Array, schedule: NSSchedule, eps: float,
+                factors: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+    """`wide / max(norm_scale * ||wide||_F, eps)` per matrix. Both sides are first scaled by
+    `2^-k`, `k >= 0` the binary exponent of the largest `|entry|` (at most that of the
+    smallest normal number: XLA flushes subnormals to zero): exact, so no bit of the result
+    changes, but the squares cannot overflow for entries up to the dtype's largest.
+    `factors`: `_norm_factors(wide)` when already known."""
+    power, divisor = _norm_factors(wide, schedule, eps) if factors is None else factors
+    return wide * power / divisor
+
+
+def _newton_schulz(x: jax.Array, schedule: NSSchedule, eps: float,
+                   factors: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+    """Orthogonalize a batch `(..., m, n)` with m <= n in `x.dtype` (`factors` as in
+    `_normalised`).
 
     Matrix products take `x.dtype` inputs and accumulate in at least float32; the
     elementwise combinations, the Frobenius norm and the coefficients stay in that wider
@@ -64,7 +77,7 @@ def _newton_schulz(x: jax.Array, schedule: NSSchedule, eps: float) -> jax.Array:
     def matmul(p: jax.Array, q: jax.Array) -> jax.Array:
         return jnp.matmul(p, q, precision=precision, preferred_element_type=acc)
 
-    x = _normalised(x.astype(acc), schedule, eps).astype(x.dtype)
+    x = _normalised(x.astype(acc), schedule, eps, factors).astype(x.dtype)
     if uses_gram(schedule, x.shape[-2], x.shape[-1], x.dtype == jnp.bfloat16):
         return matmul(_gram_iterations(matmul(x, x.mT), schedule).astype(x.dtype), x).astype(
             x.dtype)
@@ -103,8 +116,11 @@ def orthogonalize_batch(blocks: Sequence[jax.Array], schedule: NSSchedule, eps: 
                         dtype: Any) -> list[jax.Array]:
     """Orthogonalize each `(batch, rows, cols)` block in `dtype`; results keep their inputs' dtype.
 
-    Tall blocks are transposed so rows <= cols; blocks of one oriented shape are concatenated
-    along the batch axis and go through a single Newton-Schulz call.
+    Tall blocks are transposed so rows <= cols; blocks of one oriented shape are stacked
+    along the batch axis, and Newton-Schulz runs over that stack a few matrices at a time, in
+    place (`in_chunks`), so its scratch stays a fraction of the stack. The Frobenius norms
+    are summed over the whole stack first (their rounding depends on the batch; the
+    products' does not), so the numbers equal one call on the whole stack.
     """
     oriented = [b.astype(dtype).mT if b.shape[1] > b.shape[2] else b.astype(dtype)
                 for b in blocks]
@@ -113,7 +129,10 @@ def orthogonalize_batch(blocks: Sequence[jax.Array], schedule: NSSchedule, eps: 
         groups.setdefault(block.shape[1:], []).append(index)
     results: list[Any] = [None] * len(blocks)
     for indices in groups.values():
-        stacked = _newton_schulz(jnp.concatenate([oriented[i] for i in indices]), schedule, eps)
+        stack = stack_in_place([oriented[i] for i in indices])
+        factors = _norm_factors(stack.astype(jnp.promote_types(dtype, jnp.float32)), schedule,
+                                eps)
+        stacked = in_chunks(lambda x, *f: _newton_schulz(x, schedule, eps, f), stack, *factors)
         ends = list(itertools.accumulate(oriented[i].shape[0] for i in indices))
         for i, piece in zip(indices, jnp.split(stacked, ends[:-1])):
             tall = blocks[i].shape[1] > blocks[i].shape[2]
