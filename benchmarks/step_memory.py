@@ -10,8 +10,12 @@ every allocation above 128 KiB, so freed buffers leave the resident set. Newton-
 temporaries do not depend on the number of iterations, so `--ns-steps 1` (the default) keeps
 the peer's emulated bfloat16 products within minutes on CPUs without native bfloat16.
 
-JAX: XLA's own count for the compiled update (`memory_analysis().temp_size_in_bytes`, the
-scratch it allocates beyond the inputs and outputs), with the state donated.
+JAX: XLA's own count (`memory_analysis().temp_size_in_bytes`, the scratch it allocates
+beyond the inputs and outputs) for the compiled step `update` then `optax.apply_updates`, with
+the parameters and the state donated, as a training step donates them; and for `update`
+alone with the state donated (JAX pairs donated buffers with outputs by shape and dtype, so
+the updates, which come first, can take the state's buffers: that count includes copies a
+training step does not make).
 
 "largest stack" is the bound a batched step is held to: the bytes of the largest batch of
 same-shape matrices that one Newton-Schulz call takes, in that call's dtype.
@@ -97,6 +101,7 @@ def jax_worker(name: str, n_layer: int, ns_steps: int) -> dict:
     bench.pin_threads(1)
     import jax
     import jax.numpy as jnp
+    import optax
     from muon_cli.benchtools import gpt2_shapes
 
     shapes = gpt2_shapes(n_layer=n_layer)
@@ -110,11 +115,19 @@ def jax_worker(name: str, n_layer: int, ns_steps: int) -> dict:
                   if name == JAX[0] else settings)
         tx = bench.muon(config)
     state = jax.eval_shape(tx.init, abstract)
-    compiled = jax.jit(tx.update, donate_argnums=1).lower(abstract, state, abstract).compile()
-    temp = compiled.memory_analysis().temp_size_in_bytes
+
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    def scratch(fn, donate) -> int:
+        compiled = jax.jit(fn, donate_argnums=donate).lower(abstract, state, abstract).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
     config = settings if name == JAX[2] else config
-    return {"name": name, "extra": temp, "largest_stack": largest_stack(
-        shapes, config.replace(ns_dtype="float32"), 4)}
+    return {"name": name, "extra": scratch(step, (0, 1)),
+            "update_alone": scratch(lambda p, s, g: tx.update(g, s, p), 1),
+            "largest_stack": largest_stack(shapes, config.replace(ns_dtype="float32"), 4)}
 
 
 def run_worker(backend: str, name: str, args: argparse.Namespace) -> dict:
@@ -139,14 +152,18 @@ def main() -> None:
         worker = torch_worker if backend == "torch" else jax_worker
         print(json.dumps(worker(name, args.n_layer, args.ns_steps)))
         return
-    print("| backend | contender | peak extra memory of a step (MB) | largest stack (MB) |")
-    print("|---|---|---|---|")
+    print("| backend | contender | peak extra memory of a step (MB) | largest stack (MB) "
+          "| extra / largest stack | JAX: update alone (MB) |")
+    print("|---|---|---|---|---|---|")
     chosen = {"torch": TORCH, "jax": JAX}
     for backend in ("torch", "jax") if args.backend == "all" else (args.backend,):
         for name in chosen[backend]:
             row = run_worker(backend, name, args)
-            stack = "-" if row["largest_stack"] is None else f"{row['largest_stack'] / MB:.1f}"
-            print(f"| {backend} | {name} | {row['extra'] / MB:.1f} | {stack} |", flush=True)
+            stack, ratio = ("-", "-") if row["largest_stack"] is None else (
+                f"{row['largest_stack'] / MB:.1f}", f"{row['extra'] / row['largest_stack']:.2f}")
+            alone = f"{row['update_alone'] / MB:.1f}" if "update_alone" in row else "-"
+            print(f"| {backend} | {name} | {row['extra'] / MB:.1f} | {stack} | {ratio} | {alone} |",
+                  flush=True)
 
 
 if __name__ == "__main__":

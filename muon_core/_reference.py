@@ -76,19 +76,23 @@ def momentum_coefficients(beta: Any, kind: str) -> tuple[Any, Any]:
     return beta, (1.0 - beta if kind == "ema" else 1.0)
 
 
-def momentum_update(grad: Any, buf: Any, beta: Any, kind: str,
-                    nesterov: bool) -> tuple[Any, Any]:
+def momentum_update(grad: Any, buf: Any, beta: Any, kind: str, nesterov: bool,
+                    accept: Any = None) -> tuple[Any, Any]:
     """Return (direction to orthogonalize, new momentum buffer).
 
     EMA: `m = beta m + (1 - beta) g`; sum: `m = beta m + g`. Nesterov looks one step ahead:
     EMA `u = (1 - beta) g + beta m`, sum `u = g + beta m`; without it `u = m`. The arithmetic
     runs in the wider of the two dtypes; the buffer keeps its dtype and the direction the
-    gradient's, so low-precision gradients never round a wider buffer.
+    gradient's, so low-precision gradients never round a wider buffer. `accept` (a boolean
+    scalar array, or None for True) refuses the step where false: the buffer stays as it was,
+    and the direction, derived from the kept buffer, is for the caller to discard.
     """
     xp = array_namespace(grad, buf)
     a, b = momentum_coefficients(beta, kind)
     wide = xp.astype(grad, xp.result_type(grad, buf))
     new_buf = xp.astype(a * buf + b * wide, buf.dtype)
+    if accept is not None:
+        new_buf = xp.where(accept, new_buf, buf)
     direction = b * wide + a * new_buf if nesterov else new_buf
     return xp.astype(direction, grad.dtype), new_buf
 

@@ -80,6 +80,12 @@ def raise_if_nonfinite(state: Any) -> None:
         _raise_nonfinite(record.latest, record.names, record.shapes)
 
 
+def all_finite(x: jax.Array) -> jax.Array:
+    """Whether every entry of `x` is finite, without a boolean array of `x`'s size: `x * 0`
+    is 0 where `x` is finite and NaN elsewhere, and a sum of zeros cannot overflow."""
+    return jnp.isfinite(jnp.sum(x * jnp.zeros((), x.dtype)))
+
+
 def finite_gate(names: list[str], grads: list[Any], record: NonfiniteRecord,
                 policy: str) -> tuple[Any, NonfiniteRecord]:
     """(all gradients finite, updated record), after applying the `nonfinite` policy.
@@ -89,12 +95,13 @@ def finite_gate(names: list[str], grads: list[Any], record: NonfiniteRecord,
     reports it as a JaxRuntimeError and returns nothing). With several devices a raising
     callback would leave the other devices waiting in their collectives, so the step is only
     refused and recorded; `raise_if_nonfinite(state)` raises afterwards. A refused step
-    returns zero updates and keeps the moments (the whole of the "skip" policy).
+    returns zero updates and keeps the moments (the whole of the "skip" policy): the caller
+    passes the flag to every stateful transformation, which keeps its own state.
     """
     if tuple(names) != record.names:
         raise ValueError(f"state.nonfinite was made for leaves {list(record.names)}, but the "
                          f"updates have {names}: was the state made by init on these parameters?")
-    bad = ~jnp.stack([jnp.all(jnp.isfinite(g)) for g in grads]) if grads else record.latest
+    bad = ~jnp.stack([all_finite(g) for g in grads]) if grads else record.latest
     if policy == "raise" and not is_traced(bad):
         _raise_nonfinite(bad, record.names, record.shapes)
     elif policy == "raise" and jax.device_count() == 1:

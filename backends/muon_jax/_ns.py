@@ -16,6 +16,8 @@ import muon_core
 from muon_core import DeviceFacts, NSSchedule, ns_schedule, resolve_dtype
 from muon_core._ns import uses_gram
 
+from muon_jax._chunks import in_chunks, stack_in_place
+
 
 @functools.cache
 def device_facts() -> DeviceFacts:
@@ -84,22 +86,32 @@ def _blocked_product(p: jax.Array, q: jax.Array, matmul: Any) -> jax.Array:
     return jnp.where(block[:, None] <= block[None, :], upper, upper.mT)
 
 
-def _normalised(wide: jax.Array, schedule: NSSchedule, eps: float) -> jax.Array:
-    """`wide / max(norm_scale * ||wide||_F, eps)` per matrix. Both sides are first scaled by
-    `2^-k`, `k >= 0` the binary exponent of the largest `|entry|` (at most that of the
-    smallest normal number: XLA flushes subnormals to zero): exact, so no bit of the result
-    changes, but the squares cannot overflow for entries up to the dtype's largest."""
+def _norm_factors(wide: jax.Array, schedule: NSSchedule,
+                  eps: float) -> tuple[jax.Array, jax.Array]:
+    """`(power, divisor)`, each `(..., 1, 1)`, with `_normalised(wide) = wide * power / divisor`."""
     biggest = jnp.max(jnp.abs(wide), axis=(-2, -1), keepdims=True)
     exponent = jnp.clip(jnp.frexp(biggest)[1], 0, -jnp.finfo(wide.dtype).minexp)
     power = jnp.ldexp(jnp.ones_like(biggest), -exponent)
     scaled = wide * power
     norm = jnp.sqrt(jnp.sum(scaled * scaled, axis=(-2, -1), keepdims=True)) * schedule.norm_scale
-    return scaled / jnp.maximum(norm, eps * power)
+    return power, jnp.maximum(norm, eps * power)
 
 
-def _newton_schulz(x: jax.Array, schedule: NSSchedule, eps: float,
-                   symmetric: str = "full") -> jax.Array:
-    """Orthogonalize a batch `(..., m, n)` with m <= n in `x.dtype`.
+def _normalised(wide: jax.Array, schedule: NSSchedule, eps: float,
+                factors: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+    """`wide / max(norm_scale * ||wide||_F, eps)` per matrix. Both sides are first scaled by
+    `2^-k`, `k >= 0` the binary exponent of the largest `|entry|` (at most that of the
+    smallest normal number: XLA flushes subnormals to zero): exact, so no bit of the result
+    changes, but the squares cannot overflow for entries up to the dtype's largest.
+    `factors`: `_norm_factors(wide)` when already known."""
+    power, divisor = _norm_factors(wide, schedule, eps) if factors is None else factors
+    return wide * power / divisor
+
+
+def _newton_schulz(x: jax.Array, schedule: NSSchedule, eps: float, symmetric: str = "full",
+                   factors: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+    """Orthogonalize a batch `(..., m, n)` with m <= n in `x.dtype` (`factors` as in
+    `_normalised`).
 
     Matrix products take `x.dtype` inputs and accumulate in at least float32; the
     elementwise combinations, the Frobenius norm and the coefficients stay in that wider
@@ -113,7 +125,7 @@ def _newton_schulz(x: jax.Array, schedule: NSSchedule, eps: float,
         return jnp.matmul(p, q, precision=precision, preferred_element_type=acc)
 
     sym = _symmetric_matmul(symmetric, matmul)
-    x = _normalised(x.astype(acc), schedule, eps).astype(x.dtype)
+    x = _normalised(x.astype(acc), schedule, eps, factors).astype(x.dtype)
     if uses_gram(schedule, x.shape[-2], x.shape[-1], x.dtype == jnp.bfloat16):
         q = _gram_iterations(sym(x, x), schedule, symmetric)
         return matmul(q.astype(x.dtype), x).astype(x.dtype)
@@ -163,8 +175,11 @@ def orthogonalize_batch(blocks: Sequence[jax.Array], schedule: NSSchedule, eps: 
     """Orthogonalize each `(batch, rows, cols)` block in `dtype`; results keep their inputs' dtype;
     `symmetric` as in `symmetric_products`.
 
-    Tall blocks are transposed so rows <= cols; blocks of one oriented shape are concatenated
-    along the batch axis and go through a single Newton-Schulz call.
+    Tall blocks are transposed so rows <= cols; blocks of one oriented shape are stacked
+    along the batch axis, and Newton-Schulz runs over that stack a few matrices at a time, in
+    place (`in_chunks`), so its scratch stays a fraction of the stack. The Frobenius norms
+    are summed over the whole stack first (their rounding depends on the batch; the
+    products' does not), so the numbers equal one call on the whole stack.
     """
     oriented = [b.astype(dtype).mT if b.shape[1] > b.shape[2] else b.astype(dtype)
                 for b in blocks]
@@ -174,8 +189,11 @@ def orthogonalize_batch(blocks: Sequence[jax.Array], schedule: NSSchedule, eps: 
     results: list[Any] = [None] * len(blocks)
     symmetric = symmetric_products(symmetric)
     for indices in groups.values():
-        stacked = _newton_schulz(jnp.concatenate([oriented[i] for i in indices]), schedule, eps,
-                                 symmetric)
+        stack = stack_in_place([oriented[i] for i in indices])
+        factors = _norm_factors(stack.astype(jnp.promote_types(dtype, jnp.float32)), schedule,
+                                eps)
+        stacked = in_chunks(lambda x, *f: _newton_schulz(x, schedule, eps, symmetric, f),
+                            stack, *factors)
         ends = list(itertools.accumulate(oriented[i].shape[0] for i in indices))
         for i, piece in zip(indices, jnp.split(stacked, ends[:-1])):
             tall = blocks[i].shape[1] > blocks[i].shape[2]

@@ -18,6 +18,7 @@ import optax
 from muon_core import (
     MuonConfig, ParamPlan, Plan, from_matrices, momentum_update, ns_schedule, to_matrices,
 )
+from muon_jax._adam import scale_by_adam
 from muon_jax._adaptive import (check_second_moments, decay_target, init_second_moments,
                                 second_moments)
 from muon_jax._checks import check_leaves, check_params, check_state
@@ -91,10 +92,11 @@ def _from_blocks(blocks: list[jax.Array], entry: ParamPlan) -> jax.Array:
 
 def _muon_directions(grads: Mapping[str, Any], bufs: Mapping[str, Any],
                      moments: Mapping[str, Any], plan: Plan, config: MuonConfig, beta: Any,
-                     mesh: Any = None, axis: str | None = None,
+                     accept: Any, mesh: Any = None, axis: str | None = None,
                      sharded_ns: str = "owner") -> tuple[dict, dict, dict]:
     """Momentum, Newton-Schulz on every block at once, then the config's second moment:
-    (scaled O per leaf, new buffers, new second moments).
+    (scaled O per leaf, new buffers, new second moments). Where `accept` is false the
+    buffers and second moments stay as they were.
 
     On a mesh with `sharded_ns="owner"` (or "blockwise") each device orthogonalizes its share
     of the matrices (`orthogonalize_owned`). Otherwise NS needs whole matrices: under an
@@ -103,29 +105,31 @@ def _muon_directions(grads: Mapping[str, Any], bufs: Mapping[str, Any],
     """
     entries = plan.muon
     stepped = {e.name: momentum_update(grads[e.name], bufs[e.name], beta, config.momentum_kind,
-                                       config.nesterov) for e in entries}
+                                       config.nesterov, accept) for e in entries}
     target = find_mesh([d for d, _ in stepped.values()], mesh, axis) if entries else None
     if target is None and sharded_ns == "blockwise" and jax.device_count() > 1:
         raise ValueError("sharded_ns='blockwise' needs the mesh: pass mesh= (and axis=) or use "
                          "explicit axes, so that the blocks are known")
     if target is not None and sharded_ns != "replicated":
-        directions, moments = orthogonalize_owned({n: d for n, (d, _) in stepped.items()}, plan,
-                                                  config, *target, mode=sharded_ns,
-                                                  moments=moments)
-        return directions, {name: buf for name, (_, buf) in stepped.items()}, moments
+        directions, new_moments = orthogonalize_owned({n: d for n, (d, _) in stepped.items()},
+                                                      plan, config, *target, mode=sharded_ns,
+                                                      moments=moments)
+        return (directions, {name: buf for name, (_, buf) in stepped.items()},
+                select(accept, new_moments, moments))
     shardings = {e.name: explicit_sharding(grads[e.name]) for e in entries}
     blocks = [_to_blocks(whole(stepped[e.name][0]), e) for e in entries]
     flat = orthogonalize_batch([b for leaf in blocks for b in leaf],
                                ns_schedule(config.ns_coefficients, config.ns_steps,
                                            config.ns_algorithm),
                                config.eps, ns_dtype(config.ns_dtype))
-    flat, moments = second_moments(flat, moments, entries, config)
+    flat, new_moments = second_moments(flat, moments, entries, config)
     directions, start = {}, 0
     for entry, leaf in zip(entries, blocks):
         directions[entry.name] = resharded(_from_blocks(flat[start:start + len(leaf)], entry),
                                            shardings[entry.name])
         start += len(leaf)
-    return directions, {name: buf for name, (_, buf) in stepped.items()}, moments
+    return (directions, {name: buf for name, (_, buf) in stepped.items()},
+            select(accept, new_moments, moments))
 
 
 def _directions(config: MuonConfig, momentum: Any, layout: str,
@@ -150,7 +154,8 @@ def _directions(config: MuonConfig, momentum: Any, layout: str,
         return ScaleByMuonState(buffers,
                                 init_second_moments(dict(zip(names, leaves)), entries, config))
 
-    def update_fn(updates: Any, state: ScaleByMuonState, params: Any = None, **extra_args: Any):
+    def update_fn(updates: Any, state: ScaleByMuonState, params: Any = None, *,
+                  finite_step: Any = True, **extra_args: Any):
         del params, extra_args
         names, grads, treedef = flatten(updates)
         plan = plan_of(names, grads)
@@ -160,7 +165,8 @@ def _directions(config: MuonConfig, momentum: Any, layout: str,
         check_state("momentum_buffer", bufs, {e.name: by_name[e.name] for e in plan.muon})
         check_second_moments(state.second_moment, plan.muon, config)
         directions, new_bufs, moments = _muon_directions(by_name, bufs, state.second_moment, plan,
-                                                         config, momentum, *sharding)
+                                                         config, momentum,
+                                                         jnp.asarray(finite_step), *sharding)
         out = treedef.unflatten([directions.get(n, g) for n, g in zip(names, grads)])
         return out, ScaleByMuonState(buf_treedef.unflatten([new_bufs[n] for n in buf_names]),
                                      moments)
@@ -172,6 +178,9 @@ def _directions(config: MuonConfig, momentum: Any, layout: str,
 def _guarded(inner: optax.GradientTransformation, policy: str,
              needs_params: bool) -> optax.GradientTransformationExtraArgs:
     """`inner` behind validation and the `nonfinite` policy; updates in the params' dtype.
+
+    `inner.update` gets the keyword `finite_step` (whether every gradient is finite) and keeps
+    its own state where it is false; the updates it returns then are replaced by zeros.
 
     The gradients reach `inner` in the wider of their and the params' dtypes, so low-precision
     gradients never round wider moments; the updates come back in the params' dtype (the
@@ -195,10 +204,10 @@ def _guarded(inner: optax.GradientTransformation, policy: str,
         ok, record = finite_gate(names, grads, state.nonfinite, policy)
         wide = [g.astype(jnp.promote_types(g.dtype, t)) for g, t in zip(grads, targets)]
         new_updates, new_inner = inner.update(treedef.unflatten(wide), state.inner_state, params,
-                                              **extra_args)
+                                              finite_step=ok, **extra_args)
         out = [jnp.where(ok, u, jnp.zeros_like(u)).astype(t)
                for u, t in zip(treedef.flatten_up_to(new_updates), targets)]
-        return treedef.unflatten(out), MuonState(select(ok, new_inner, state.inner_state), record)
+        return treedef.unflatten(out), MuonState(new_inner, record)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -267,8 +276,9 @@ def muon(config: MuonConfig | None = None, *, layout: str = "in_out",
 
     Built from optax's pieces: `optax.partition` sends the Muon leaves through
     `scale_by_muon`'s direction, `optax.add_decayed_weights(wd)` and
-    `optax.scale_by_learning_rate(lr)`, and the others through `optax.scale_by_adam`, the
-    same decay and learning-rate steps with AdamW's values (torch's AdamW, decoupled decay).
+    `optax.scale_by_learning_rate(lr)`, and the others through `optax.scale_by_adam` (its
+    numbers and state, keeping its moments itself on a refused step), the same decay and
+    learning-rate steps with AdamW's values (torch's AdamW, decoupled decay).
     The updates follow optax's convention (`optax.apply_updates` adds them), so `update`
     needs `params` unless both decays are 0. Gradients with NaN or Inf follow
     `config.nonfinite`: "skip" returns zero updates and keeps the state; "raise" raises
@@ -289,7 +299,7 @@ def muon(config: MuonConfig | None = None, *, layout: str = "in_out",
                                         sharding=(mesh, axis, sharded_ns)),
                             _decayed_weights(hyper.weight_decay, config.cautious_weight_decay),
                             optax.scale_by_learning_rate(hyper.lr))
-    adamw_part = optax.chain(optax.scale_by_adam(beta1, beta2, config.adamw.eps),
+    adamw_part = optax.chain(scale_by_adam(beta1, beta2, config.adamw.eps),
                              _decayed_weights(hyper.adamw_weight_decay),
                              optax.scale_by_learning_rate(hyper.adamw_lr))
     labels = functools.partial(algorithm_labels, config=config, layout=layout,

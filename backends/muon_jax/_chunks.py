@@ -1,0 +1,48 @@
+"""Stacks of same-shape matrices built and transformed in place, a few matrices at a time."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# A stack is transformed in at least this many chunks (fewer only when it has fewer matrices),
+# so the scratch of one chunk is a small part of the stack.
+CHUNKS = 8
+
+
+def stack_in_place(blocks: Sequence[jax.Array]) -> jax.Array:
+    """`jnp.concatenate(blocks)`, each block written into the stack in turn, so XLA can
+    build it in place instead of keeping every (transposed) block as well."""
+    stack = jnp.zeros((sum(b.shape[0] for b in blocks), *blocks[0].shape[1:]), blocks[0].dtype)
+    start = 0
+    for block in blocks:
+        stack = lax.dynamic_update_slice_in_dim(stack, block, start, 0)
+        start += block.shape[0]
+    return stack
+
+
+def chunk_size(batch: int, chunks: int = CHUNKS) -> int:
+    """The largest divisor of `batch` that cuts it into at least `chunks` pieces (1 when
+    `batch <= chunks`)."""
+    most = max(1, batch // chunks)
+    return max(d for d in range(1, most + 1) if batch % d == 0)
+
+
+def in_chunks(fn: Callable[..., jax.Array], stack: jax.Array, *per_matrix: jax.Array,
+              chunks: int = CHUNKS) -> jax.Array:
+    """`fn(stack, *per_matrix)` for a `fn` that treats each matrix on its own and keeps shape
+    and dtype, applied to `chunk_size` matrices at a time (and the matching rows of each
+    `per_matrix` array) in a loop that writes each result back into the stack: the scratch
+    is one chunk's, not the whole stack's."""
+    size = chunk_size(stack.shape[0], chunks)
+    if size == stack.shape[0]:
+        return fn(stack, *per_matrix)
+
+    def body(i: jax.Array, x: jax.Array) -> jax.Array:
+        rows = [lax.dynamic_slice_in_dim(a, i * size, size) for a in (x, *per_matrix)]
+        return lax.dynamic_update_slice_in_dim(x, fn(*rows), i * size, 0)
+
+    return lax.fori_loop(0, stack.shape[0] // size, body, stack)
