@@ -82,8 +82,9 @@ def _blocked_product(p: jax.Array, q: jax.Array, matmul: Any) -> jax.Array:
     upper = jnp.concatenate(
         [jnp.pad(matmul(p[..., s:s + strip, :], q[..., s:, :].mT), pad + [(0, 0), (s, 0)])
          for s in range(0, m, strip)], axis=-2)
-    block = np.arange(m) // strip
-    return jnp.where(block[:, None] <= block[None, :], upper, upper.mT)
+    # The upper triangle, mirrored: exactly symmetric, the diagonal blocks included.
+    index = np.arange(m)
+    return jnp.where(index[:, None] <= index[None, :], upper, upper.mT)
 
 
 def _norm_factors(wide: jax.Array, schedule: NSSchedule,
@@ -124,15 +125,16 @@ def _newton_schulz(x: jax.Array, schedule: NSSchedule, eps: float, symmetric: st
     def matmul(p: jax.Array, q: jax.Array) -> jax.Array:
         return jnp.matmul(p, q, precision=precision, preferred_element_type=acc)
 
-    sym = _symmetric_matmul(symmetric, matmul)
+    outer = _symmetric_matmul(symmetric, matmul, transpose_q=True)
+    sym = _symmetric_matmul(symmetric, matmul, transpose_q=False)
     x = _normalised(x.astype(acc), schedule, eps, factors).astype(x.dtype)
     if uses_gram(schedule, x.shape[-2], x.shape[-1], x.dtype == jnp.bfloat16):
-        q = _gram_iterations(sym(x, x), schedule, symmetric)
+        q = _gram_iterations(outer(x, x), schedule, symmetric)
         return matmul(q.astype(x.dtype), x).astype(x.dtype)
 
     def iteration(x: jax.Array, abc: jax.Array) -> tuple[jax.Array, None]:
         a, b, c = abc[0], abc[1], abc[2]
-        gram = sym(x, x)
+        gram = outer(x, x)
         narrow = gram.astype(x.dtype)
         poly = (b * gram + c * sym(narrow, narrow)).astype(x.dtype)
         return (a * x + matmul(poly, x)).astype(x.dtype), None
@@ -141,12 +143,19 @@ def _newton_schulz(x: jax.Array, schedule: NSSchedule, eps: float, symmetric: st
     return x
 
 
-def _symmetric_matmul(symmetric: str, matmul: Any) -> Any:
-    """`p, q -> p @ q^T` through `matmul`, for products with a symmetric result, computed as
-    `symmetric` says. (With `q` symmetric that is `p @ q`.)"""
-    if symmetric == "blocked":
-        return functools.partial(_blocked_product, matmul=matmul)
-    return lambda p, q: matmul(p, q.mT)
+def _symmetric_matmul(symmetric: str, matmul: Any, transpose_q: bool) -> Any:
+    """`p, q -> p @ q^T` (`transpose_q`) or `p @ q` (`q` symmetric) through `matmul`, for
+    products with a symmetric result, computed as `symmetric` says. The blocked form reads
+    rows of `q` either way (a symmetric `q`'s rows are its columns, and its own results are
+    exactly symmetric); where it does not apply, the plain product keeps the iteration's
+    rounding, which the Gram form amplifies for long schedules if `q^T` stands for `q`."""
+
+    def product(p: jax.Array, q: jax.Array) -> jax.Array:
+        if symmetric == "blocked" and _strip_rows(p.shape[-2]) < p.shape[-2]:
+            return _blocked_product(p, q, matmul)
+        return matmul(p, q.mT if transpose_q else q)
+
+    return product
 
 
 def _gram_iterations(gram: jax.Array, schedule: NSSchedule, symmetric: str = "full") -> jax.Array:
@@ -157,7 +166,7 @@ def _gram_iterations(gram: jax.Array, schedule: NSSchedule, symmetric: str = "fu
     def matmul(p: jax.Array, q: jax.Array) -> jax.Array:
         return jnp.matmul(p, q, precision=lax.Precision.HIGHEST)
 
-    sym = _symmetric_matmul(symmetric, matmul)
+    sym = _symmetric_matmul(symmetric, matmul, transpose_q=False)
     eye = jnp.eye(gram.shape[-1], dtype=gram.dtype)
     q = None
     last = len(schedule.coefficients) - 1
