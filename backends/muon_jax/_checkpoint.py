@@ -47,7 +47,8 @@ def _plan(params: Any, config: MuonConfig | None, layout: str,
 def _to_stored(x: Any, entry: Any, layout: str) -> ckpt.Tensor:
     """`x` (gathered whole from its devices) in the canonical layout, as bytes."""
     array = np.asarray(jax.device_get(x))
-    array = np.ascontiguousarray(np.transpose(array, ckpt.stored_perm(entry, array.shape, layout)))
+    # np.array, not np.ascontiguousarray, which makes a 0-d array 1-d
+    array = np.array(np.transpose(array, ckpt.stored_perm(entry, array.shape, layout)), order="C")
     return ckpt.Tensor(CODES[array.dtype], array.shape, array.tobytes())
 
 
