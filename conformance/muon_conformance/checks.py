@@ -752,26 +752,38 @@ def check_portable_checkpoint(adapter: Any, kind: str, where: Where) -> None:
     bfloat16 parameters keep exact step counts past 256 (bf16_long_run)."""
     with tempfile.TemporaryDirectory() as folder:
         if kind == "bf16_long_run":
-            return _bf16_long_run(adapter, where, folder)
-        path = f"{folder}/ckpt.safetensors"
-        params, grads = seeded_inputs(where.tier, 8)
-        expected = reference_trajectory(params, grads, where.config)
-        if kind == "load":
-            write_reference_checkpoint(path, STANDARD_SHAPES, where.config, expected[3][1])
-            at_four = cast(expected[3][0], NUMPY_DTYPES[where.tier])
-            resumed, _ = drive(adapter, params, grads[4:], where.config,
-                               adapter.restore_portable(at_four, where.config, path))
-            return compare_trajectory(resumed, expected[4:], params, where.tol, where)
-        first, handle = drive(adapter, params, grads[:4], where.config)
-        adapter.save_portable(handle, path)
-        compare_state(read_reference_state(path, STANDARD_SHAPES, where.config), expected[3][1],
-                      where.tol, where, "portable checkpoint after 4 steps")
-        straight, _ = drive(adapter, params, grads[4:], where.config, handle)
-        resumed, _ = drive(adapter, params, grads[4:], where.config,
-                           adapter.restore_portable(first[-1], where.config, path))
-        for step, (got, want) in enumerate(zip(resumed, straight), start=5):
-            assert_identical(got, want, where, f"run restored from the portable checkpoint vs "
-                             f"uninterrupted run after step {step}")
+            _bf16_long_run(adapter, where, folder)
+        elif kind == "load":
+            _portable_load(adapter, where, f"{folder}/ckpt.safetensors")
+        else:
+            _portable_save(adapter, where, f"{folder}/ckpt.safetensors")
+
+
+def _portable_load(adapter: Any, where: Where, path: str) -> None:
+    """The reference's state after 4 steps, written by muon_core, then 4 adapter steps."""
+    params, grads = seeded_inputs(where.tier, 8)
+    expected = reference_trajectory(params, grads, where.config)
+    write_reference_checkpoint(path, STANDARD_SHAPES, where.config, expected[3][1])
+    at_four = cast(expected[3][0], NUMPY_DTYPES[where.tier])
+    resumed, _ = drive(adapter, params, grads[4:], where.config,
+                       adapter.restore_portable(at_four, where.config, path))
+    compare_trajectory(resumed, expected[4:], params, where.tol, where)
+
+
+def _portable_save(adapter: Any, where: Where, path: str) -> None:
+    """4 adapter steps saved: the file holds the reference's state and resumes exactly."""
+    params, grads = seeded_inputs(where.tier, 8)
+    expected = reference_trajectory(params, grads[:4], where.config)
+    first, handle = drive(adapter, params, grads[:4], where.config)
+    adapter.save_portable(handle, path)
+    compare_state(read_reference_state(path, STANDARD_SHAPES, where.config), expected[3][1],
+                  where.tol, where, "portable checkpoint after 4 steps")
+    straight, _ = drive(adapter, params, grads[4:], where.config, handle)
+    resumed, _ = drive(adapter, params, grads[4:], where.config,
+                       adapter.restore_portable(first[-1], where.config, path))
+    for step, (got, want) in enumerate(zip(resumed, straight), start=5):
+        assert_identical(got, want, where, f"run restored from the portable checkpoint vs "
+                         f"uninterrupted run after step {step}")
 
 
 # -- owners and attention logits --------------------------------------------------------------
