@@ -14,7 +14,7 @@ import pickle
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -183,7 +183,8 @@ class TorchAdapter:
                               PARAM_GROUPS, LEGACY_STATE, PORTABLE, OWNERS})
     # `Muon(process_group=...)` keywords of each way to distribute the step
     DISTRIBUTED_MODES = {"layerwise": {"shard": "layerwise"}, "zero1": {"shard": "zero1"},
-                         "replicated_adamw": {"shard": "layerwise", "shard_adamw": False}}
+                         "replicated_adamw": {"shard": "layerwise", "shard_adamw": False},
+                         "dtensor": {"dtensor": True}}
     distributed_modes = tuple(DISTRIBUTED_MODES)
 
     def __init__(self) -> None:
@@ -234,8 +235,8 @@ class TorchAdapter:
         handle = TorchHandle(None, {name: torch.nn.Parameter(_torch_tensor(p).clone())
                                     for name, p in params.items()})
         groups = groups or ((tuple(params), {}),)
-        specs = [{"params": [(n, handle.params[n]) for n in names], **overrides}
-                 for names, overrides in groups]
+        specs = [{"params": [handle.params[n] for n in names], "param_names": list(names),
+                  **overrides} for names, overrides in groups]
         keywords = {}
         if lrs is not None:
             handle.lr_tensors = tuple(torch.tensor(lr, device=torch_device()) for lr in lrs[0])
@@ -317,7 +318,8 @@ class TorchAdapter:
                         mode: str = "layerwise") -> dict:
         """The final parameters after `grads` with `Muon(process_group=...)` on `world_size`
         gloo processes on 127.0.0.1, each seeing the same gradients; `mode` names the sharding
-        (`DISTRIBUTED_MODES`: layer-wise owners, ZeRO-1 slices, AdamW replicated)."""
+        (`DISTRIBUTED_MODES`: layer-wise owners, ZeRO-1 slices, AdamW replicated, or DTensor
+        parameters and gradients sharded on their first axis, as FSDP2 holds them)."""
         payload = {"params": dict(params), "grads": [dict(g) for g in grads],
                    "config": config.to_dict(), **self.DISTRIBUTED_MODES[mode]}
         return run_torch_workers(payload, world_size)[0]["params"]
@@ -337,7 +339,8 @@ def run_torch_workers(payload: Mapping[str, Any], world_size: int,
     """Run `torch_distributed_run` on `world_size` fresh interpreters joined by gloo on
     127.0.0.1; returns each rank's outputs. `payload`: "params", "grads" (per step, a dict or
     a list with one dict per rank), "config" (or "configs", one per rank), optional "shard",
-    "shard_adamw", "group_ranks" (a subgroup instead of the world), "resume" and "checkpoint"
+    "shard_adamw", "dtensor" (DTensor parameters on a 1-d mesh, no process group),
+    "group_ranks" (a subgroup instead of the world), "resume" and "checkpoint"
     (torch.distributed.checkpoint folders to load the optimizer state from before the steps,
     and to save it to after them), "portable_resume" and "portable_checkpoint" (the same with
     portable checkpoint files, `muon_torch.load`/`save`)."""
@@ -370,6 +373,19 @@ def _load_checkpoint(opt: Any, folder: str) -> None:
     opt.load_state_dict(state)
 
 
+def _dtensor_placer(world_size: int) -> Callable[[np.ndarray], Any]:
+    """A function placing a numpy array as a DTensor on a 1-d CPU mesh of `world_size`: sharded
+    on its first axis (unevenly if need be), replicated when it is a scalar."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    import torch
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    return lambda array: distribute_tensor(torch.tensor(array), mesh,
+                                           [Shard(0) if array.ndim else Replicate()])
+
+
 def torch_distributed_run(inputs: str, outputs: str, rank: int) -> None:
     """One rank of `run_torch_workers`: gloo on 127.0.0.1, `Muon(process_group=WORLD)`, then
     per step `reduce_gradients()` and `step()`; writes the parameters, or the error raised."""
@@ -387,12 +403,14 @@ def torch_distributed_run(inputs: str, outputs: str, rank: int) -> None:
         config = MuonConfig.from_dict(data["configs"][rank] if "configs" in data
                                       else data["config"])
         params = data["params"][rank] if isinstance(data["params"], list) else data["params"]
-        named = {n: torch.nn.Parameter(torch.tensor(np.array(p))) for n, p in params.items()}
+        place = _dtensor_placer(data["world_size"]) if data.get("dtensor") else torch.tensor
+        named = {n: torch.nn.Parameter(place(np.array(p))) for n, p in params.items()}
         try:
             group = (dist.new_group(data["group_ranks"]) if "group_ranks" in data
                      else dist.group.WORLD)
-            opt = muon_class(list(named.items()), config, process_group=group,
-                             shard=data.get("shard"), shard_adamw=data.get("shard_adamw", True))
+            opt = (muon_class(list(named.items()), config) if data.get("dtensor") else
+                   muon_class(list(named.items()), config, process_group=group,
+                              shard=data.get("shard"), shard_adamw=data.get("shard_adamw", True)))
             if "resume" in data:
                 _load_checkpoint(opt, data["resume"])
             if "portable_resume" in data:
@@ -400,8 +418,9 @@ def torch_distributed_run(inputs: str, outputs: str, rank: int) -> None:
             for grads in data["grads"]:
                 grads = grads[rank] if isinstance(grads, list) else grads
                 for name, param in named.items():
-                    param.grad = torch.tensor(np.array(grads[name]))
-                opt.reduce_gradients()
+                    param.grad = place(np.array(grads[name]))
+                if not data.get("dtensor"):
+                    opt.reduce_gradients()
                 opt.step()
             if "checkpoint" in data:
                 import torch.distributed.checkpoint as dcp
@@ -412,11 +431,13 @@ def torch_distributed_run(inputs: str, outputs: str, rank: int) -> None:
         except (ValueError, FloatingPointError) as exc:
             Path(outputs).write_bytes(pickle.dumps({"error": f"{type(exc).__name__}: {exc}"}))
             return
+        owners = opt.owners
+        whole = {n: p.full_tensor() if hasattr(p, "full_tensor") else p for n, p in named.items()}
         Path(outputs).write_bytes(pickle.dumps({
-            "params": {n: p.detach().numpy().copy() for n, p in named.items()},
+            "params": {n: p.detach().numpy().copy() for n, p in whole.items()},
             "state_sizes": {opt.plan.entries[i].name: sum(t.numel() for t in opt.state[p].values())
                             for i, p in enumerate(named.values()) if opt.state.get(p)},
-            "owners": dict(opt.owners.owner)}))
+            "owners": None if owners is None else dict(owners.owner)}))
     finally:
         dist.destroy_process_group()
 
