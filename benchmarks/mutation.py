@@ -167,13 +167,30 @@ def summarise(records: list[dict]) -> str:
             + (f"; {other} not counted (incompetent or no mutation)" if other else ""))
 
 
+def removed_line(diff: str) -> str:
+    """The first non-blank source line a recorded mutant's diff removes, stripped."""
+    return next((line[1:].strip() for line in diff.splitlines()
+                 if line.startswith("-") and not line.startswith("---") and line[1:].strip()),
+                "")
+
+
+def mutated_line(mutation) -> str:
+    """The current source line where a cosmic-ray mutation starts, stripped."""
+    lines = (ROOT / mutation.module_path).read_text().splitlines()
+    return lines[mutation.start_pos[0] - 1].strip()
+
+
 def select(args: argparse.Namespace, items: list) -> list:
-    """The seeded sample, or the survivors recorded in `args.rerun`."""
+    """The seeded sample, or the survivors recorded in `args.rerun`: matched by file, operator
+    and the text of the line they change (occurrence numbers shift when a file is edited; a
+    line holding the same operator twice gives both mutants)."""
     if args.rerun:
         old = [json.loads(line) for line in Path(args.rerun).read_text().splitlines() if line]
-        wanted = {(r["module"], r["operator"], r["occurrence"]) for r in old
+        wanted = {(r["module"], r["operator"], removed_line(r["diff"])) for r in old
                   if r["outcome"] == "survived"}
-        return [item for item in items if _key(item.mutations[0]) in wanted
+        return [item for item in items
+                if (str(item.mutations[0].module_path), item.mutations[0].operator_name,
+                    mutated_line(item.mutations[0])) in wanted
                 and re.search(args.where, f"{item.mutations[0].module_path}:"
                               f"{item.mutations[0].start_pos[0]}")]
     return random.Random(args.seed).sample(items, min(args.sample, len(items)))

@@ -74,14 +74,15 @@ def is_embedding(entry: ParamPlan) -> bool:
 def canonical_perm(entry: ParamPlan, layout: str) -> tuple[int, ...]:
     """Axis order that brings a parameter (and its state) from `layout` to the stored layout.
 
-    Muon parameters are stored permuted by the plan (batch..., out..., in...); other tensors
+    Muon parameters are stored permuted by the plan (batch..., out..., in...), unless the plan
+    permutes a reshaped view (interleaved blocks, `Rule(groups=...)`); those and other tensors
     with 2 or more axes are stored output axis first, as torch lays them out, except embedding
     tables, which are (vocabulary, width) in torch and flax alike.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r} is invalid: expected one of {list(LAYOUTS)}")
     ndim = len(entry.shape)
-    if entry.is_muon:
+    if entry.is_muon and len(entry.perm) == ndim:
         return entry.perm
     if ndim < 2 or is_embedding(entry):
         return tuple(range(ndim))

@@ -90,7 +90,8 @@ def _on_every_process(action: Callable[[], T]) -> T:
 def _to_stored(x: Any, entry: Any, layout: str) -> ckpt.Tensor:
     """`x`, gathered whole, in the canonical layout, as bytes."""
     array = _whole(x)
-    array = np.ascontiguousarray(np.transpose(array, ckpt.stored_perm(entry, array.shape, layout)))
+    # np.array, not np.ascontiguousarray, which makes a 0-d array 1-d
+    array = np.array(np.transpose(array, ckpt.stored_perm(entry, array.shape, layout)), order="C")
     return ckpt.Tensor(CODES[array.dtype], array.shape, array.tobytes())
 
 

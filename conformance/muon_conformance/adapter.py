@@ -14,7 +14,14 @@ BF16 = "bf16"                 # Newton-Schulz with ns_dtype="bfloat16"
 FLOAT64 = "float64"           # float64 parameters and ns_dtype="float64"
 DISTRIBUTED = "distributed"   # `run_distributed` (processes or devices) equals one process
 QK_CLIP = "qk_clip"           # `qk_clip(handle, qk_max, config)` rescales as muon_core.qk_clip
-CAPABILITIES = frozenset({BF16, FLOAT64, DISTRIBUTED, QK_CLIP})
+QK_MAX = "qk_max"             # `qk_max(q, k, scale, mask)` measures as muon_core.max_logits
+LR_SCHEDULE = "lr_schedule"   # `make_scheduled(params, config, lrs)`: learning rates per step
+PARAM_GROUPS = "param_groups"  # `make_groups(params, config, groups, lrs)`: options per group
+LEGACY_STATE = "legacy_state"  # `save_legacy(handle)`: a snapshot in an older format
+PORTABLE = "portable_checkpoint"  # `save_portable(handle, path)`, `restore_portable(...)`
+OWNERS = "owners"             # `owners(params, config, world_size)`: each matrix's rank
+CAPABILITIES = frozenset({BF16, FLOAT64, DISTRIBUTED, QK_CLIP, QK_MAX, LR_SCHEDULE,
+                          PARAM_GROUPS, LEGACY_STATE, PORTABLE, OWNERS})
 
 
 @runtime_checkable
@@ -29,7 +36,23 @@ class BackendAdapter(Protocol):
     (an adapter with several ways to distribute lists their names in `distributed_modes` and
     takes `mode=NAME`; the check runs each);
     `qk_clip(handle, qk_max, config) -> handle` for the "qk_clip" capability, QK-clip with
-    `qk_max` (attention layer name -> numpy per-head maxima) as `muon_core.qk_clip` does it.
+    `qk_max` (attention layer name -> numpy per-head maxima) as `muon_core.qk_clip` does it;
+    `qk_max(q, k, scale=None, mask=None) -> numpy (heads,)` for "qk_max", the backend's own
+    measurement of the largest logit per query head, `q` `(batch, heads, queries, dim)` and `k`
+    `(batch, kv_heads, keys, dim)` as torch's attention takes them;
+    `make_scheduled(params, config, lrs) -> handle` for "lr_schedule", a handle whose step `i`
+    uses the Muon and AdamW learning rates `lrs[i]` (a pair), set the way the backend's
+    schedulers set them;
+    `make_groups(params, config, groups, lrs=None) -> handle` for "param_groups": `groups` is a
+    list of `(names, overrides)`, overrides in `MuonConfig.with_overrides`' form applied to
+    those parameters; with `lrs` the config's two learning rates follow `lrs` per step and a
+    group that sets its own keeps it;
+    `save_legacy(handle)` for "legacy_state", a snapshot as an older release of the backend
+    wrote it, which `restore` must accept;
+    `save_portable(handle, path)` and `restore_portable(params, config, path) -> handle` for
+    "portable_checkpoint", the `muon_core` checkpoint file (layout `"out_in"`);
+    `owners(params, config, world_size) -> {name: rank}` for "owners", the rank that
+    orthogonalizes each Muon matrix when the step is distributed.
     """
 
     name: str

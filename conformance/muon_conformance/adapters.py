@@ -14,14 +14,17 @@ import pickle
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from muon_core import MuonConfig, Plan, plan, qk_clip, reference_step
-from muon_conformance.adapter import BF16, DISTRIBUTED, FLOAT64, QK_CLIP, BackendUnavailable
+from muon_conformance.adapter import (
+    BF16, DISTRIBUTED, FLOAT64, LEGACY_STATE, LR_SCHEDULE, OWNERS, PARAM_GROUPS, PORTABLE, QK_CLIP,
+    QK_MAX, BackendUnavailable,
+)
 
 
 def _numpy_copies(arrays: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -162,20 +165,26 @@ def _numpy_array(tensor: Any) -> np.ndarray:
 
 @dataclasses.dataclass
 class TorchHandle:
-    """A `muon_torch.Muon` and its parameters by name."""
+    """A `muon_torch.Muon` and its parameters by name; with a schedule, the 0-d learning-rate
+    tensors the optimizer was given, the (Muon, AdamW) rates per step and the steps taken."""
 
     optimizer: Any
     params: dict[str, Any]
+    lr_tensors: tuple[Any, Any] | None = None
+    lrs: Sequence[tuple[float, float]] = ()
+    steps: int = 0
 
 
 class TorchAdapter:
     """`muon_torch.Muon` over `torch.nn.Parameter`s (torch layout, as the suite uses)."""
 
     name = "torch"
-    capabilities = frozenset({BF16, FLOAT64, QK_CLIP, DISTRIBUTED})
+    capabilities = frozenset({BF16, FLOAT64, QK_CLIP, DISTRIBUTED, QK_MAX, LR_SCHEDULE,
+                              PARAM_GROUPS, LEGACY_STATE, PORTABLE, OWNERS})
     # `Muon(process_group=...)` keywords of each way to distribute the step
     DISTRIBUTED_MODES = {"layerwise": {"shard": "layerwise"}, "zero1": {"shard": "zero1"},
-                         "replicated_adamw": {"shard": "layerwise", "shard_adamw": False}}
+                         "replicated_adamw": {"shard": "layerwise", "shard_adamw": False},
+                         "dtensor": {"dtensor": True}}
     distributed_modes = tuple(DISTRIBUTED_MODES)
 
     def __init__(self) -> None:
@@ -203,7 +212,37 @@ class TorchAdapter:
             except RuntimeError as exc:
                 raise ValueError(f"gradient of {name!r} has shape {tuple(np.shape(grad))}, "
                                  f"expected {tuple(param.shape)} (torch: {exc})") from exc
+        if handle.lr_tensors is not None:  # as a scheduler does with tensor learning rates
+            for tensor, lr in zip(handle.lr_tensors, handle.lrs[handle.steps]):
+                tensor.fill_(lr)
         handle.optimizer.step()
+        handle.steps += 1
+        return handle
+
+    def make_scheduled(self, params: Mapping[str, Any], config: MuonConfig,
+                       lrs: Sequence[tuple[float, float]]) -> TorchHandle:
+        """A `Muon` given its two learning rates as 0-d tensors, filled with `lrs[i]` before
+        step `i` (a compiled step reads them without recompiling)."""
+        return self.make_groups(params, config, None, lrs)
+
+    def make_groups(self, params: Mapping[str, Any], config: MuonConfig,
+                    groups: Sequence[tuple[Sequence[str], Mapping[str, Any]]] | None,
+                    lrs: Sequence[tuple[float, float]] | None = None) -> TorchHandle:
+        """A `Muon` with one param group per `(names, overrides)` (all parameters in one
+        without `groups`); with `lrs`, the optimizer-wide learning rates are 0-d tensors."""
+        import torch
+
+        handle = TorchHandle(None, {name: torch.nn.Parameter(_torch_tensor(p).clone())
+                                    for name, p in params.items()})
+        groups = groups or ((tuple(params), {}),)
+        specs = [{"params": [handle.params[n] for n in names], "param_names": list(names),
+                  **overrides} for names, overrides in groups]
+        keywords = {}
+        if lrs is not None:
+            handle.lr_tensors = tuple(torch.tensor(lr, device=torch_device()) for lr in lrs[0])
+            handle.lrs = lrs
+            keywords = {"lr": handle.lr_tensors[0], "adamw": {"lr": handle.lr_tensors[1]}}
+        handle.optimizer = self.muon_class(specs, config=config, **keywords)
         return handle
 
     def qk_clip(self, handle: TorchHandle, qk_max: Mapping[str, Any],
@@ -235,13 +274,52 @@ class TorchAdapter:
         handle.optimizer.load_state_dict(saved)
         return handle
 
+    def save_legacy(self, handle: TorchHandle) -> dict[str, Any]:
+        """`save`'s state dict with each AdamW `step` a Python float, as older releases of
+        torch's optimizers stored it."""
+        saved = self.save(handle)
+        for group in saved["param_groups"]:
+            if group["algorithm"] == "adamw":
+                for index in group["params"]:
+                    entry = saved["state"].get(index, {})
+                    if "step" in entry:
+                        entry["step"] = float(entry["step"])
+        return saved
+
+    def save_portable(self, handle: TorchHandle, path: str) -> None:
+        """`muon_torch.save`: the portable checkpoint file."""
+        importlib.import_module("muon_torch").save(path, handle.optimizer)
+
+    def restore_portable(self, params: Mapping[str, Any], config: MuonConfig,
+                         path: str) -> TorchHandle:
+        """A fresh `Muon` that loads the portable checkpoint at `path` (`muon_torch.load`)."""
+        handle = self.make(params, config)
+        importlib.import_module("muon_torch").load(path, handle.optimizer)
+        return handle
+
+    def qk_max(self, q: np.ndarray, k: np.ndarray, scale: float | None = None,
+               mask: np.ndarray | None = None) -> np.ndarray:
+        """`muon_torch.record_qk_max` on tensors of `q`, `k` (and `mask`)."""
+        store: dict[str, Any] = {}
+        importlib.import_module("muon_torch").record_qk_max(
+            store, "attn", _torch_tensor(q), _torch_tensor(k), scale,
+            None if mask is None else _torch_tensor(mask))
+        return _numpy_array(store["attn"])
+
+    def owners(self, params: Mapping[str, Any], config: MuonConfig,
+               world_size: int) -> dict[str, int]:
+        """`Muon(process_group=...).owners` (layer-wise) read on rank 0 of `world_size` gloo
+        processes."""
+        payload = {"params": dict(params), "grads": [], "config": config.to_dict()}
+        return run_torch_workers(payload, world_size)[0]["owners"]
 
     def run_distributed(self, params: Mapping[str, Any], config: MuonConfig,
                         grads: Sequence[Mapping[str, Any]], world_size: int,
                         mode: str = "layerwise") -> dict:
         """The final parameters after `grads` with `Muon(process_group=...)` on `world_size`
         gloo processes on 127.0.0.1, each seeing the same gradients; `mode` names the sharding
-        (`DISTRIBUTED_MODES`: layer-wise owners, ZeRO-1 slices, AdamW replicated)."""
+        (`DISTRIBUTED_MODES`: layer-wise owners, ZeRO-1 slices, AdamW replicated, or DTensor
+        parameters and gradients sharded on their first axis, as FSDP2 holds them)."""
         payload = {"params": dict(params), "grads": [dict(g) for g in grads],
                    "config": config.to_dict(), **self.DISTRIBUTED_MODES[mode]}
         return run_torch_workers(payload, world_size)[0]["params"]
@@ -261,7 +339,8 @@ def run_torch_workers(payload: Mapping[str, Any], world_size: int,
     """Run `torch_distributed_run` on `world_size` fresh interpreters joined by gloo on
     127.0.0.1; returns each rank's outputs. `payload`: "params", "grads" (per step, a dict or
     a list with one dict per rank), "config" (or "configs", one per rank), optional "shard",
-    "shard_adamw", "group_ranks" (a subgroup instead of the world), "resume" and "checkpoint"
+    "shard_adamw", "dtensor" (DTensor parameters on a 1-d mesh, no process group),
+    "group_ranks" (a subgroup instead of the world), "resume" and "checkpoint"
     (torch.distributed.checkpoint folders to load the optimizer state from before the steps,
     and to save it to after them), "portable_resume" and "portable_checkpoint" (the same with
     portable checkpoint files, `muon_torch.load`/`save`)."""
@@ -294,6 +373,19 @@ def _load_checkpoint(opt: Any, folder: str) -> None:
     opt.load_state_dict(state)
 
 
+def _dtensor_placer(world_size: int) -> Callable[[np.ndarray], Any]:
+    """A function placing a numpy array as a DTensor on a 1-d CPU mesh of `world_size`: sharded
+    on its first axis (unevenly if need be), replicated when it is a scalar."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    import torch
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    return lambda array: distribute_tensor(torch.tensor(array), mesh,
+                                           [Shard(0) if array.ndim else Replicate()])
+
+
 def torch_distributed_run(inputs: str, outputs: str, rank: int) -> None:
     """One rank of `run_torch_workers`: gloo on 127.0.0.1, `Muon(process_group=WORLD)`, then
     per step `reduce_gradients()` and `step()`; writes the parameters, or the error raised."""
@@ -311,12 +403,14 @@ def torch_distributed_run(inputs: str, outputs: str, rank: int) -> None:
         config = MuonConfig.from_dict(data["configs"][rank] if "configs" in data
                                       else data["config"])
         params = data["params"][rank] if isinstance(data["params"], list) else data["params"]
-        named = {n: torch.nn.Parameter(torch.tensor(np.array(p))) for n, p in params.items()}
+        place = _dtensor_placer(data["world_size"]) if data.get("dtensor") else torch.tensor
+        named = {n: torch.nn.Parameter(place(np.array(p))) for n, p in params.items()}
         try:
             group = (dist.new_group(data["group_ranks"]) if "group_ranks" in data
                      else dist.group.WORLD)
-            opt = muon_class(list(named.items()), config, process_group=group,
-                             shard=data.get("shard"), shard_adamw=data.get("shard_adamw", True))
+            opt = (muon_class(list(named.items()), config) if data.get("dtensor") else
+                   muon_class(list(named.items()), config, process_group=group,
+                              shard=data.get("shard"), shard_adamw=data.get("shard_adamw", True)))
             if "resume" in data:
                 _load_checkpoint(opt, data["resume"])
             if "portable_resume" in data:
@@ -324,8 +418,9 @@ def torch_distributed_run(inputs: str, outputs: str, rank: int) -> None:
             for grads in data["grads"]:
                 grads = grads[rank] if isinstance(grads, list) else grads
                 for name, param in named.items():
-                    param.grad = torch.tensor(np.array(grads[name]))
-                opt.reduce_gradients()
+                    param.grad = place(np.array(grads[name]))
+                if not data.get("dtensor"):
+                    opt.reduce_gradients()
                 opt.step()
             if "checkpoint" in data:
                 import torch.distributed.checkpoint as dcp
@@ -336,10 +431,13 @@ def torch_distributed_run(inputs: str, outputs: str, rank: int) -> None:
         except (ValueError, FloatingPointError) as exc:
             Path(outputs).write_bytes(pickle.dumps({"error": f"{type(exc).__name__}: {exc}"}))
             return
+        owners = opt.owners
+        whole = {n: p.full_tensor() if hasattr(p, "full_tensor") else p for n, p in named.items()}
         Path(outputs).write_bytes(pickle.dumps({
-            "params": {n: p.detach().numpy().copy() for n, p in named.items()},
+            "params": {n: p.detach().numpy().copy() for n, p in whole.items()},
             "state_sizes": {opt.plan.entries[i].name: sum(t.numel() for t in opt.state[p].values())
-                            for i, p in enumerate(named.values()) if opt.state.get(p)}}))
+                            for i, p in enumerate(named.values()) if opt.state.get(p)},
+            "owners": None if owners is None else dict(owners.owner)}))
     finally:
         dist.destroy_process_group()
 
@@ -352,6 +450,7 @@ class JaxHandle:
     params: dict[str, Any]
     state: Any
     x64: bool
+    config: MuonConfig | None = None
 
 
 class JaxAdapter:
@@ -360,7 +459,10 @@ class JaxAdapter:
     devices in a fresh interpreter."""
 
     name = "jax"
-    capabilities = frozenset({BF16, FLOAT64, DISTRIBUTED, QK_CLIP})
+    capabilities = frozenset({BF16, FLOAT64, DISTRIBUTED, QK_CLIP, QK_MAX, LR_SCHEDULE, PORTABLE})
+    # "owner": parameters sharded over a mesh, each device orthogonalizing its share;
+    # "unsharded": whole parameters on one device of a several-device host, no mesh
+    distributed_modes = ("owner", "unsharded")
 
     known_failures = {
         "bad_inputs[nonfinite_raise]": "under jit a NaN gradient cannot raise a Python "
@@ -393,7 +495,7 @@ class JaxAdapter:
         tx, update = self._transformation(config)
         with self._x64(x64):
             native = {name: jnp.asarray(np.array(p)) for name, p in params.items()}
-            return JaxHandle(update, native, tx.init(native), x64)
+            return JaxHandle(update, native, tx.init(native), x64, config)
 
     def step(self, handle: JaxHandle, grads: Mapping[str, Any]) -> JaxHandle:
         """`tx.update` then `optax.apply_updates`; returns a new handle."""
@@ -405,6 +507,49 @@ class JaxAdapter:
             updates, state = handle.update(native, handle.state, handle.params)
             params = optax.apply_updates(handle.params, updates)
             return dataclasses.replace(handle, params=params, state=state)
+
+    def make_scheduled(self, params: Mapping[str, Any], config: MuonConfig,
+                       lrs: Sequence[tuple[float, float]]) -> JaxHandle:
+        """`optax.inject_hyperparams(muon)` with `lr` and `adamw_lr` schedules reading `lrs`
+        by the step count."""
+        import jax
+        import jax.numpy as jnp
+        import optax
+
+        table = np.asarray(lrs, dtype=np.float32)
+        tx = optax.inject_hyperparams(self.muon)(
+            config, layout="out_in", lr=lambda count: jnp.asarray(table[:, 0])[count],
+            adamw_lr=lambda count: jnp.asarray(table[:, 1])[count])
+        native = {name: jnp.asarray(np.array(p)) for name, p in params.items()}
+        return JaxHandle(jax.jit(tx.update), native, tx.init(native), False, config)
+
+    def qk_max(self, q: np.ndarray, k: np.ndarray, scale: float | None = None,
+               mask: np.ndarray | None = None) -> np.ndarray:
+        """`muon_jax.qk_max` with `q`, `k` moved to flax's `(batch, length, heads, dim)`."""
+        import jax.numpy as jnp
+        import muon_jax
+
+        return np.array(muon_jax.qk_max(jnp.asarray(q.transpose(0, 2, 1, 3)),
+                                        jnp.asarray(k.transpose(0, 2, 1, 3)), scale,
+                                        None if mask is None else jnp.asarray(mask)))
+
+    def save_portable(self, handle: JaxHandle, path: str) -> None:
+        """`muon_jax.save` of the state (torch layout)."""
+        import muon_jax
+
+        with self._x64(handle.x64):
+            muon_jax.save(path, handle.state, handle.params, handle.config,
+                          layout="out_in")
+
+    def restore_portable(self, params: Mapping[str, Any], config: MuonConfig,
+                         path: str) -> JaxHandle:
+        """A fresh handle whose state `muon_jax.load` reads from the portable checkpoint."""
+        import muon_jax
+
+        handle = self.make(params, config)
+        with self._x64(handle.x64):
+            state = muon_jax.load(path, handle.state, handle.params, config, layout="out_in")
+            return dataclasses.replace(handle, state=state)
 
     def qk_clip(self, handle: JaxHandle, qk_max: Mapping[str, Any],
                 config: MuonConfig) -> JaxHandle:
@@ -453,14 +598,16 @@ class JaxAdapter:
             return dataclasses.replace(handle, state=jax.tree.map(jnp.asarray, saved))
 
     def run_distributed(self, params: Mapping[str, Any], config: MuonConfig,
-                        grads: Sequence[Mapping[str, Any]], world_size: int) -> dict:
-        """The final parameters after `grads`, each parameter sharded over `world_size` CPU
-        devices (JAX reads the device count at start-up, hence the subprocess)."""
+                        grads: Sequence[Mapping[str, Any]], world_size: int,
+                        mode: str = "owner") -> dict:
+        """The final parameters after `grads` on a host with `world_size` CPU devices (JAX
+        reads the device count at start-up, hence the subprocess): each parameter sharded over
+        them (mode "owner"), or whole on one of them with no mesh ("unsharded")."""
         with tempfile.TemporaryDirectory() as folder:
             inputs, outputs = Path(folder, "inputs.pkl"), Path(folder, "outputs.pkl")
             inputs.write_bytes(pickle.dumps({
                 "params": dict(params), "grads": [dict(g) for g in grads],
-                "config": config.to_dict(), "world_size": world_size}))
+                "config": config.to_dict(), "world_size": world_size, "mode": mode}))
             env = dict(os.environ, JAX_PLATFORMS="cpu",
                        XLA_FLAGS=f"--xla_force_host_platform_device_count={world_size}")
             code = ("import sys; from muon_conformance.adapters import jax_sharded_run; "
@@ -472,6 +619,12 @@ class JaxAdapter:
             return pickle.loads(outputs.read_bytes())
 
 
+def _jnp_arrays(arrays: Mapping[str, Any]) -> dict[str, Any]:
+    import jax.numpy as jnp
+
+    return {name: jnp.asarray(a) for name, a in arrays.items()}
+
+
 def partition_axes(shape: Sequence[int], world_size: int) -> tuple[str | None, ...]:
     """A PartitionSpec's entries: the first axis divisible by `world_size` is split over
     "workers"; a tensor with no such axis is replicated."""
@@ -481,8 +634,9 @@ def partition_axes(shape: Sequence[int], world_size: int) -> tuple[str | None, .
 
 def jax_sharded_run(inputs: str, outputs: str) -> None:
     """Run `muon_jax.muon` jitted on parameters sharded over every host device, each device
-    orthogonalizing its share of the matrices (`sharded_ns="owner"`; the worker of
-    `JaxAdapter.run_distributed`); reads and writes pickles."""
+    orthogonalizing its share of the matrices (`sharded_ns="owner"`), or with mode
+    "unsharded" on whole parameters and no mesh (the worker of `JaxAdapter.run_distributed`);
+    reads and writes pickles."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -501,8 +655,10 @@ def jax_sharded_run(inputs: str, outputs: str) -> None:
             mesh, PartitionSpec(*partition_axes(np.shape(a), world_size))))
             for name, a in arrays.items()}
 
-    tx = muon_jax.muon(MuonConfig.from_dict(data["config"]), layout="out_in", mesh=mesh,
-                       axis="workers")
+    config = MuonConfig.from_dict(data["config"])
+    if data.get("mode") == "unsharded":
+        mesh, place = None, _jnp_arrays
+    tx = muon_jax.muon(config, layout="out_in", mesh=mesh, axis=None if mesh is None else "workers")
     params = place(data["params"])
     state, update = tx.init(params), jax.jit(tx.update)
     for grads in data["grads"]:

@@ -11,20 +11,23 @@ from __future__ import annotations
 import dataclasses
 import math
 import pickle
+import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
 import numpy as np
 
-from muon_core import MuonConfig, QKRule, Rule, orthogonalize, plan
+from muon_core import MuonConfig, QKRule, Rule, assign_owners, max_logits, orthogonalize, plan
 from muon_core import qk_clip as reference_qk_clip
 from muon_conformance.adapter import (
-    BF16, CAPABILITIES, DISTRIBUTED, FLOAT64, QK_CLIP, unknown_capabilities,
+    BF16, CAPABILITIES, DISTRIBUTED, FLOAT64, LEGACY_STATE, LR_SCHEDULE, OWNERS, PARAM_GROUPS,
+    PORTABLE, QK_CLIP, QK_MAX, unknown_capabilities,
 )
 from muon_conformance.oracle import (
     NUMPY_DTYPES, STANDARD_RULES, STANDARD_SHAPES, TIERS, ConformanceFailure, Tolerance,
-    base_config, cast, compare, describe_options, make_grads, make_params, reference_trajectory,
+    base_config, cast, compare, describe_options, make_grads, make_params, read_reference_state,
+    reference_groups, reference_trajectory, write_reference_checkpoint,
 )
 
 TRAJECTORY_STEPS = 20
@@ -238,11 +241,16 @@ def _invariant_transpose(adapter: Any, where: Where) -> None:
             where=where.at("tall.weight", g.shape, "NS(G) vs NS(G^T)^T"))
 
 
+# 1e30: the entries' squares (1e60) lie beyond float32's and bfloat16's range (3.4e38), so the
+# Frobenius norm must be taken on scaled entries.
+SCALES = {"b.weight": 100, "c.weight": 0.01, "d.weight": 1e30}
+
+
 def _invariant_scale(adapter: Any, where: Where) -> None:
     g = make_params({"g": (12, 20)}, seed=4)["g"]
-    out = orthogonalized(adapter, {"a.weight": g, "b.weight": 100 * g, "c.weight": 0.01 * g},
-                         where)
-    for name, factor in (("b.weight", 100), ("c.weight", 0.01)):
+    out = orthogonalized(adapter, {"a.weight": g} | {name: factor * g
+                                                     for name, factor in SCALES.items()}, where)
+    for name, factor in SCALES.items():
         compare(out[name], out["a.weight"], tol=where.tol,
                 where=where.at(name, g.shape, f"NS({factor}*G) vs NS(G)"))
 
@@ -518,14 +526,27 @@ def assert_identical(got: Mapping[str, np.ndarray], want: Mapping[str, np.ndarra
 def check_resume(adapter: Any, _: Any, where: Where) -> None:
     """Saving after 4 steps, pickling, restoring and running 4 more steps gives exactly the
     uninterrupted run (and the snapshot is unaffected by the later steps)."""
+    resume_exactly(adapter, where, adapter.save)
+
+
+def resume_exactly(adapter: Any, where: Where, save: Callable[[Any], Any]) -> None:
+    """Snapshot with `save` after 4 steps, pickle, `restore`, run 4 more steps: raise unless
+    that is bit for bit the uninterrupted run."""
     params, grads = seeded_inputs(where.tier, 8)
     first, handle = drive(adapter, params, grads[:4], where.config)
-    saved = adapter.save(handle)
+    saved = save(handle)
     straight, _ = drive(adapter, params, grads[4:], where.config, handle)
     restored = adapter.restore(first[-1], where.config, pickle.loads(pickle.dumps(saved)))
     resumed, _ = drive(adapter, params, grads[4:], where.config, restored)
     for step, (got, want) in enumerate(zip(resumed, straight), start=5):
         assert_identical(got, want, where, f"resumed run vs uninterrupted run after step {step}")
+
+
+@_register("legacy_resume", [Case("defaults", needs=frozenset({LEGACY_STATE}))])
+def check_legacy_resume(adapter: Any, _: Any, where: Where) -> None:
+    """A snapshot in the backend's older format (`save_legacy`, e.g. AdamW step counts as
+    plain numbers) restores and continues bit for bit as the uninterrupted run."""
+    resume_exactly(adapter, where, adapter.save_legacy)
 
 
 # -- bad inputs -------------------------------------------------------------------------------
@@ -650,6 +671,160 @@ def check_qk_clip(adapter: Any, name: str, where: Where) -> None:
     for param, value in expected.items():
         compare(got[param], value, tol=where.tol, baseline=params[param],
                 where=where.at(param, value.shape, "after one step and QK-clip"))
+
+
+# -- learning-rate schedules and param groups -------------------------------------------------
+
+# (Muon lr, AdamW lr) per step, as a warm-up then decay schedule sets them; one step has 0.
+LR_STEPS = ((0.01, 0.004), (0.03, 0.012), (0.02, 0.01), (0.005, 0.02), (0.0, 0.001),
+            (0.04, 0.0))
+# The second group holds Muon and AdamW parameters and sets Muon's lr and both decays but not
+# AdamW's lr: with a schedule its AdamW parameters follow the scheduled default.
+GROUP_NAMES = (("tall.weight", "wide.weight", "experts.weight", "attn.qkv.weight",
+                "attn.neox.weight", "attn.gqa.weight", "gate", "embed.weight"),
+               ("square.weight", "conv.weight", "tall.bias", "norm.weight", "lm_head.weight"))
+GROUP_OVERRIDES = {"lr": 0.05, "weight_decay": 0.0, "adamw": {"weight_decay": 0.3}}
+GROUPS = {"own_lrs": ((GROUP_NAMES[0], {}), (GROUP_NAMES[1], {
+              **GROUP_OVERRIDES, "adamw": {"lr": 3e-3, "weight_decay": 0.3}})),
+          "scheduled": ((GROUP_NAMES[0], {}), (GROUP_NAMES[1], GROUP_OVERRIDES))}
+
+
+def check_scheduled_run(adapter: Any, where: Where, groups: Sequence[tuple] | None,
+                        lrs: Sequence[tuple[float, float]] | None) -> None:
+    """Run `len(LR_STEPS)` seeded steps through `make_groups` (or `make_scheduled` without
+    groups) and compare each with the float64 reference run per group."""
+    params, grads = seeded_inputs(where.tier, len(LR_STEPS))
+    if groups is None:
+        handle = adapter.make_scheduled(params, where.config, lrs)
+    else:
+        handle = adapter.make_groups(params, where.config, groups, lrs)
+    expected = reference_groups(params, grads, where.config,
+                                groups or ((tuple(params), {}),), lrs)
+    actual, _ = drive(adapter, params, grads, where.config, handle)
+    compare_trajectory(actual, expected, params, where.tol, where)
+
+
+@_register("lr_schedule", [Case("changing", needs=frozenset({LR_SCHEDULE}))])
+def check_lr_schedule(adapter: Any, _: Any, where: Where) -> None:
+    """Learning rates changed before every step (`make_scheduled`, both halves, one step at 0)
+    give the float64 reference's parameters with each step's rates."""
+    check_scheduled_run(adapter, where, None, LR_STEPS)
+
+
+@_register("param_groups", [Case("own_lrs", "own_lrs", needs=frozenset({PARAM_GROUPS})),
+                            Case("scheduled", "scheduled",
+                                 needs=frozenset({PARAM_GROUPS, LR_SCHEDULE}))])
+def check_param_groups(adapter: Any, name: str, where: Where) -> None:
+    """Two param groups with their own learning rates and decays follow the float64 reference
+    run on each group with its options; with a schedule, the rates a group does not set follow
+    it."""
+    check_scheduled_run(adapter, where, GROUPS[name], LR_STEPS if name == "scheduled" else None)
+
+
+# -- the portable checkpoint ------------------------------------------------------------------
+
+def _bf16_long_run(adapter: Any, where: Where, folder: str) -> None:
+    """bfloat16 parameters restored at AdamW step 1001, as after a long run, then 2 steps:
+    every step count is 1003 (bfloat16 holds integers exactly only up to 256)."""
+    shapes = STANDARD_SHAPES
+    params, grads = seeded_inputs("float32", 3)
+    state = reference_trajectory(params, grads[:1], where.config)[0][1]
+    for entry in state.values():
+        if "step" in entry:
+            entry["step"] = 1001
+    path = f"{folder}/reference.safetensors"
+    write_reference_checkpoint(path, shapes, where.config, state)
+    bf16 = bfloat16_arrays(params)
+    handle = adapter.restore_portable(bf16, where.config, path)
+    _, handle = drive(adapter, bf16, [bfloat16_arrays(g) for g in grads[1:]], where.config,
+                      handle)
+    for name, entry in adapter.state(handle).items():
+        if "step" in entry and int(entry["step"]) != 1003:
+            raise ConformanceFailure(where.at(name, shapes[name], f"step count "
+                                              f"{int(entry['step'])} after restoring 1001 and "
+                                              "2 steps, expected 1003"))
+
+
+@_register("portable_checkpoint", [
+    Case("save", "save", needs=frozenset({PORTABLE})),
+    Case("load", "load", needs=frozenset({PORTABLE})),
+    Case("bf16_long_run", "bf16_long_run", base_config(ns_dtype="bfloat16"), "bfloat16",
+         needs=frozenset({PORTABLE}))])
+def check_portable_checkpoint(adapter: Any, kind: str, where: Where) -> None:
+    """The `muon_core` checkpoint file: written after 4 steps it holds the float64 reference's
+    state and restores into a run bit for bit the uninterrupted one (save); the reference's
+    state written by `muon_core` restores into a run that follows the reference (load);
+    bfloat16 parameters keep exact step counts past 256 (bf16_long_run)."""
+    with tempfile.TemporaryDirectory() as folder:
+        if kind == "bf16_long_run":
+            _bf16_long_run(adapter, where, folder)
+        elif kind == "load":
+            _portable_load(adapter, where, f"{folder}/ckpt.safetensors")
+        else:
+            _portable_save(adapter, where, f"{folder}/ckpt.safetensors")
+
+
+def _portable_load(adapter: Any, where: Where, path: str) -> None:
+    """The reference's state after 4 steps, written by muon_core, then 4 adapter steps."""
+    params, grads = seeded_inputs(where.tier, 8)
+    expected = reference_trajectory(params, grads, where.config)
+    write_reference_checkpoint(path, STANDARD_SHAPES, where.config, expected[3][1])
+    at_four = cast(expected[3][0], NUMPY_DTYPES[where.tier])
+    resumed, _ = drive(adapter, params, grads[4:], where.config,
+                       adapter.restore_portable(at_four, where.config, path))
+    compare_trajectory(resumed, expected[4:], params, where.tol, where)
+
+
+def _portable_save(adapter: Any, where: Where, path: str) -> None:
+    """4 adapter steps saved: the file holds the reference's state and resumes exactly."""
+    params, grads = seeded_inputs(where.tier, 8)
+    expected = reference_trajectory(params, grads[:4], where.config)
+    first, handle = drive(adapter, params, grads[:4], where.config)
+    adapter.save_portable(handle, path)
+    compare_state(read_reference_state(path, STANDARD_SHAPES, where.config), expected[3][1],
+                  where.tol, where, "portable checkpoint after 4 steps")
+    straight, _ = drive(adapter, params, grads[4:], where.config, handle)
+    resumed, _ = drive(adapter, params, grads[4:], where.config,
+                       adapter.restore_portable(first[-1], where.config, path))
+    for step, (got, want) in enumerate(zip(resumed, straight), start=5):
+        assert_identical(got, want, where, f"run restored from the portable checkpoint vs "
+                         f"uninterrupted run after step {step}")
+
+
+# -- owners and attention logits --------------------------------------------------------------
+
+@_register("owners", [Case("two_workers", 2, needs=frozenset({OWNERS}))])
+def check_owners(adapter: Any, world_size: int, where: Where) -> None:
+    """Distributed over 2 workers, each Muon matrix is orthogonalized by the rank
+    `muon_core.assign_owners` gives it, and only Muon matrices have an owner."""
+    params, _ = seeded_inputs(where.tier, 0)
+    expected = dict(assign_owners(plan(STANDARD_SHAPES, where.config), world_size).owner)
+    got = dict(adapter.owners(params, where.config, world_size))
+    for name in sorted(set(expected) | set(got)):
+        if got.get(name) != expected.get(name):
+            raise ConformanceFailure(where.at(name, STANDARD_SHAPES[name], f"owner rank "
+                                              f"{got.get(name)}, expected {expected.get(name)} "
+                                              "(muon_core.assign_owners)"))
+
+
+# case -> (batch, query heads, key heads, queries, keys, head dim, causal mask, scale)
+QK_MAX_CASES = {"mha": (2, 4, 4, 5, 5, 8, False, None),
+                "gqa_causal": (3, 6, 2, 7, 7, 4, True, 0.3)}
+
+
+@_register("qk_max", [Case(name, name, needs=frozenset({QK_MAX})) for name in QK_MAX_CASES])
+def check_qk_max(adapter: Any, name: str, where: Where) -> None:
+    """The backend's measurement of the largest logit per query head, from `q`, `k` in
+    torch's attention layout (with GQA, a causal mask and a given scale), matches
+    `muon_core.max_logits` in float64."""
+    batch, heads, kv_heads, queries, keys, dim, causal, scale = QK_MAX_CASES[name]
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((batch, heads, queries, dim)).astype(NUMPY_DTYPES[where.tier])
+    k = rng.standard_normal((batch, kv_heads, keys, dim)).astype(NUMPY_DTYPES[where.tier])
+    mask = np.tril(np.ones((queries, keys), dtype=bool)) if causal else None
+    expected = max_logits(q.astype(np.float64), k.astype(np.float64), scale=scale, mask=mask)
+    got = adapter.qk_max(q, k, scale=scale, mask=mask)
+    compare(got, expected, tol=where.tol, where=where.at("q", q.shape, "per-head largest logit"))
 
 
 # -- collecting -----------------------------------------------------------------------------

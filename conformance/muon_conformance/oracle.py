@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from muon_core import AdamWConfig, MuonConfig, Rule, reference_step
+from muon_core import AdamWConfig, MuonConfig, Rule, plan, reference_step
+from muon_core import _checkpoint as ckpt
 
 Arrays = dict[str, np.ndarray]
 
@@ -88,6 +89,76 @@ def reference_trajectory(params: Mapping[str, np.ndarray], grads: Sequence[Mappi
     for grad in grads:
         current, state = reference_step(current, cast(grad, np.float64), state, config)
         out.append((current, state))
+    return out
+
+
+def scheduled(config: MuonConfig, lrs: tuple[float, float] | None) -> MuonConfig:
+    """`config` with its Muon and AdamW learning rates replaced by the pair `lrs` (if given)."""
+    if lrs is None:
+        return config
+    return config.with_overrides({"lr": lrs[0], "adamw": {"lr": lrs[1]}})
+
+
+def reference_groups(params: Mapping[str, np.ndarray], grads: Sequence[Mapping[str, Any]],
+                     config: MuonConfig, groups: Sequence[tuple[Sequence[str], Mapping]],
+                     lrs: Sequence[tuple[float, float]] | None = None) -> list[tuple[Arrays, dict]]:
+    """(params, state) after each step of the float64 reference run on each group alone: step
+    `i` uses `config` with the learning rates `lrs[i]` (if given), then the group's overrides."""
+    current, states, out = cast(params, np.float64), [None] * len(groups), []
+    for i, grad in enumerate(grads):
+        step_config = scheduled(config.replace(ns_dtype="float64"), lrs[i] if lrs else None)
+        merged_state: dict = {}
+        for g, (names, overrides) in enumerate(groups):
+            part, states[g] = reference_step(
+                {n: current[n] for n in names}, cast({n: grad[n] for n in names}, np.float64),
+                states[g], step_config.with_overrides(overrides))
+            current = {**current, **part}
+            merged_state |= states[g]
+        out.append((current, merged_state))
+    return out
+
+
+# safetensors dtype code <-> numpy dtype, for the portable checkpoints the suite reads and writes
+CODES = {"F64": np.float64, "F32": np.float32, "I64": np.int64, "I32": np.int32}
+
+
+def stored_state(shapes: Mapping[str, Sequence[int]], config: MuonConfig,
+                 state: Mapping[str, Mapping[str, Any]]) -> tuple[Any, dict, dict]:
+    """The plan, the tensors in the canonical layout and the step counts a portable checkpoint
+    of the reference `state` holds (float32 arrays, `step` a float32 scalar as torch keeps it)."""
+    routed = plan(shapes, config, layout="out_in")
+    tensors, steps = {}, {}
+    for entry in routed:
+        for key, value in state.get(entry.name, {}).items():
+            array = np.asarray(value, dtype=np.float32)
+            array = np.array(np.transpose(  # np.ascontiguousarray would make a scalar 1-d
+                array, ckpt.stored_perm(entry, array.shape, "out_in")), order="C")
+            tensors.setdefault(entry.name, {})[key] = ckpt.Tensor("F32", array.shape,
+                                                                  array.tobytes())
+            if key == "step":
+                steps[entry.name] = int(value)
+    return routed, tensors, steps
+
+
+def write_reference_checkpoint(path: Any, shapes: Mapping[str, Sequence[int]],
+                               config: MuonConfig, state: Mapping[str, Mapping]) -> None:
+    """Write the reference `state` as a portable checkpoint (`muon_core.save_checkpoint`)."""
+    routed, tensors, steps = stored_state(shapes, config, state)
+    ckpt.save_checkpoint(path, routed, "out_in", tensors, steps)
+
+
+def read_reference_state(path: Any, shapes: Mapping[str, Sequence[int]],
+                         config: MuonConfig) -> dict[str, dict[str, Any]]:
+    """A portable checkpoint's state in the reference's format (layout "out_in"): arrays as
+    float64, `step` an int."""
+    checkpoint = ckpt.read_checkpoint(path)
+    out: dict[str, dict[str, Any]] = {}
+    for entry in plan(shapes, config, layout="out_in"):
+        for key, stored in checkpoint.state(entry.name).items():
+            array = np.frombuffer(stored.data, CODES[stored.dtype]).reshape(stored.shape)
+            array = np.transpose(array, ckpt.loaded_perm(entry, array.shape, "out_in"))
+            out.setdefault(entry.name, {})[key] = (int(array) if key == "step"
+                                                   else array.astype(np.float64))
     return out
 
 
