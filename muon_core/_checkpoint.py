@@ -31,6 +31,8 @@ DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
                "I8": 1, "U8": 1, "BOOL": 1}
 # The canonical state keys: torch's names. Backends map their own names onto these.
 STATE_KEYS = ("momentum_buffer", "second_moment", "exp_avg", "exp_avg_sq", "step")
+# State keys stored shaped like their parameter (canonical layout).
+PARAMETER_SHAPED = ("momentum_buffer", "exp_avg", "exp_avg_sq")
 # What a plan record compares between the saving and the loading side, in this order.
 COMPARED = ("algorithm", "second_moment", "stored_shape", "matrix_shape", "blocks",
             "lr_scales")
@@ -255,9 +257,21 @@ def check_matches(checkpoint: Checkpoint, plan: Plan, layout: str, path: Any = "
                   second_moments: Mapping[str, str] | None = None) -> None:
     """Refuse a checkpoint saved for another model (names, shapes), another routing or
     another second moment (`second_moments` as in `plan_record`)."""
-    difference = first_difference(checkpoint.plan, plan_record(plan, layout, second_moments))
+    difference = (first_difference(checkpoint.plan, plan_record(plan, layout, second_moments))
+                  or _misshapen_state(checkpoint))
     if difference is not None:
         raise ValueError(f"checkpoint {path} does not fit this optimizer: {difference}")
+
+
+def _misshapen_state(checkpoint: Checkpoint) -> str | None:
+    """The first stored momentum or AdamW moment not shaped like its parameter, as a sentence."""
+    for record in checkpoint.plan:
+        for key, tensor in checkpoint.state(record["name"]).items():
+            if key in PARAMETER_SHAPED and list(tensor.shape) != list(record["stored_shape"]):
+                return (f"state {key!r} of parameter {record['name']!r} has shape "
+                        f"{tuple(tensor.shape)}, expected the parameter's stored shape "
+                        f"{tuple(record['stored_shape'])}")
+    return None
 
 
 def renamed(plan: Plan, names: Mapping[str, str] | None) -> Plan:

@@ -233,6 +233,26 @@ def test_another_format_version_is_refused(tmp_path):
         read_checkpoint(path)
 
 
+def test_a_state_tensor_of_another_shape_is_refused_by_both_backends(tmp_path):
+    run = TorchRun(_initial_weights()).train(_batches()[:1])
+    path = tmp_path / "a.safetensors"
+    muon_torch.save(path, run.opt)
+    metadata, tensors = _checkpoint.read_safetensors(path)
+    bias = next(n for n in tensors if n.endswith("bias/exp_avg"))
+    stored = tensors[bias]  # an AdamW moment with an extra leading axis of 1
+    tensors[bias] = _checkpoint.Tensor(stored.dtype, (1, *stored.shape), stored.data)
+    _checkpoint.write_safetensors(path, tensors, metadata)
+    message = f"state 'exp_avg' of parameter '{bias.split('/')[0]}' has shape"
+    before = {p: {k: v.clone() for k, v in s.items()} for p, s in run.opt.state.items()}
+    with pytest.raises(ValueError, match=message):
+        muon_torch.load(path, run.opt)
+    for param, state in before.items():
+        assert all(torch.equal(v, run.opt.state[param][k]) for k, v in state.items())
+    jax_run = JaxRun(_initial_weights())
+    with pytest.raises(ValueError, match=message):
+        muon_jax.load(path, jax_run.state, jax_run.params, CONFIG, names=TO_TORCH)
+
+
 def test_jax_refuses_a_checkpoint_of_another_model(tmp_path):
     run = TorchRun(_initial_weights()).train(_batches()[:1])
     muon_torch.save(tmp_path / "a.safetensors", run.opt)

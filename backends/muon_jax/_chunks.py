@@ -13,9 +13,19 @@ from jax import lax
 CHUNKS = 8
 
 
+def _typed_like_new(x: jax.Array) -> bool:
+    """Whether `x` has the sharding type a new array of its shape gets (not so on explicit
+    meshes, where in-place slice updates must match their operand's sharding exactly)."""
+    return jax.typeof(x).sharding == jax.typeof(jnp.zeros(x.shape, x.dtype)).sharding
+
+
 def stack_in_place(blocks: Sequence[jax.Array]) -> jax.Array:
     """`jnp.concatenate(blocks)`, each block written into the stack in turn, so XLA can
-    build it in place instead of keeping every (transposed) block as well."""
+    build it in place instead of keeping every (transposed) block as well. Blocks typed with
+    another sharding than a new array's (explicit meshes) are concatenated plainly: in-place
+    updates must match it exactly."""
+    if not all(_typed_like_new(b) for b in blocks):
+        return jnp.concatenate(blocks)
     stack = jnp.zeros((sum(b.shape[0] for b in blocks), *blocks[0].shape[1:]), blocks[0].dtype)
     start = 0
     for block in blocks:
@@ -36,9 +46,10 @@ def in_chunks(fn: Callable[..., jax.Array], stack: jax.Array, *per_matrix: jax.A
     """`fn(stack, *per_matrix)` for a `fn` that treats each matrix on its own and keeps shape
     and dtype, applied to `chunk_size` matrices at a time (and the matching rows of each
     `per_matrix` array) in a loop that writes each result back into the stack: the scratch
-    is one chunk's, not the whole stack's."""
+    is one chunk's, not the whole stack's. A stack typed with another sharding than a new
+    array's (explicit meshes) goes whole."""
     size = chunk_size(stack.shape[0], chunks)
-    if size == stack.shape[0]:
+    if size == stack.shape[0] or not _typed_like_new(stack):
         return fn(stack, *per_matrix)
 
     def body(i: jax.Array, x: jax.Array) -> jax.Array:
