@@ -439,6 +439,9 @@ def torch_distributed_run(inputs: str, outputs: str, rank: int) -> None:
                             for i, p in enumerate(named.values()) if opt.state.get(p)},
             "owners": None if owners is None else dict(owners.owner)}))
     finally:
+        # every rank done before any tears gloo down: a rank that closed its connections while
+        # its peer was still finishing could make that peer's process terminate
+        dist.barrier()
         dist.destroy_process_group()
 
 
