@@ -200,12 +200,18 @@ def test_checkpoint_from_four_ranks_resumes_on_two_and_one(tmp_path, shard):
     first = run_torch_workers({"params": params, "grads": grads[:3], "config": config.to_dict(),
                                "shard": shard, "checkpoint": folder}, 4)
     # The resumed runs see, on every rank, the mean of the four ranks' gradients.
+    _assert_resumes_match(first[0]["params"], grads[3:], config, folder,
+                          ((2, shard), (1, "layerwise"), (2, "zero1")), expected)
+
+
+def _assert_resumes_match(params, per_rank_grads, config, folder, runs, expected):
+    """Resume from the DCP checkpoint in `folder` for each `(world_size, shard)` of `runs`,
+    every rank taking the mean of the per-rank gradients, and compare with `expected`."""
     means = [{n: np.mean([g[n].astype(np.float64) for g in per_rank], axis=0).astype(np.float32)
-              for n in SHAPES} for per_rank in grads[3:]]
-    for world_size, resumed_shard in ((2, shard), (1, "layerwise"), (2, "zero1")):
-        resumed = run_torch_workers({"params": first[0]["params"], "grads": means,
-                                     "config": config.to_dict(), "shard": resumed_shard,
-                                     "resume": folder}, world_size)
+              for n in SHAPES} for per_rank in per_rank_grads]
+    for world_size, shard in runs:
+        resumed = run_torch_workers({"params": params, "grads": means, "config": config.to_dict(),
+                                     "shard": shard, "resume": folder}, world_size)
         for name in SHAPES:
             error = np.max(np.abs(resumed[0]["params"][name] - expected[name]))
             assert error <= 1e-6 * np.max(np.abs(expected[name])), (world_size, name, error)
@@ -278,12 +284,5 @@ def test_zero1_second_moment_checkpoint_resumes_on_one_and_two(tmp_path, method)
     folder = str(tmp_path / "checkpoint")
     first = run_torch_workers({"params": params, "grads": grads[:2], "config": config.to_dict(),
                                "shard": "zero1", "checkpoint": folder}, 2)
-    means = [{n: np.mean([g[n].astype(np.float64) for g in per_rank], axis=0).astype(np.float32)
-              for n in SHAPES} for per_rank in grads[2:]]
-    for world_size, shard in ((1, "layerwise"), (2, "zero1")):
-        resumed = run_torch_workers({"params": first[0]["params"], "grads": means,
-                                     "config": config.to_dict(), "shard": shard,
-                                     "resume": folder}, world_size)
-        for name in SHAPES:
-            error = np.max(np.abs(resumed[0]["params"][name] - expected[name]))
-            assert error <= 1e-6 * np.max(np.abs(expected[name])), (world_size, name, error)
+    _assert_resumes_match(first[0]["params"], grads[2:], config, folder,
+                          ((1, "layerwise"), (2, "zero1")), expected)
