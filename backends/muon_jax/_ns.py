@@ -76,8 +76,6 @@ def _blocked_product(p: jax.Array, q: jax.Array, matmul: Any) -> jax.Array:
     both operands faster than column slices of `q^T`.)"""
     m = p.shape[-2]
     strip = _strip_rows(m)
-    if strip >= m:
-        return matmul(p, q.mT)
     pad = [(0, 0)] * (p.ndim - 2)
     upper = jnp.concatenate(
         [jnp.pad(matmul(p[..., s:s + strip, :], q[..., s:, :].mT), pad + [(0, 0), (s, 0)])
