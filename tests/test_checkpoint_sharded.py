@@ -114,7 +114,8 @@ JAX_SCRIPT = textwrap.dedent("""
     shapes = {"a": (8, 6), "b": (6, 4), "bias": (4,)}
     place = {n: NamedSharding(mesh, P() if n == "bias" else P("data")) for n in shapes}
     report = {"devices": jax.device_count()}
-    for mode, second_moment in (("owner", "none"), ("replicated", "normuon")):
+    for mode, second_moment in (("owner", "none"), ("replicated", "normuon"),
+                                ("blockwise", "adamuon")):
         config = MuonConfig(ns_dtype="float32", second_moment=second_moment)
         params = {n: jax.device_put(jnp.asarray(rng.standard_normal(s), jnp.float32), place[n])
                   for n, s in shapes.items()}
@@ -152,11 +153,14 @@ def test_jax_state_sharded_over_two_devices_saves_whole_and_loads_sharded(tmp_pa
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     sharded = {"equal": True, "placed": True, "steps": True, "sharded": True}
-    assert report == {"devices": 2, "owner": sharded, "replicated": sharded}, report
-    for mode in ("owner", "replicated"):  # whole tensors, in the canonical (out, in) layout
-        stored = read_checkpoint(tmp_path / f"jax-{mode}.safetensors")
-        assert stored.tensors["a/momentum_buffer"].shape == (6, 8)
-    assert stored.tensors["a/second_moment"].shape == (1, 6)
+    assert report == {"devices": 2, "owner": sharded, "replicated": sharded,
+                      "blockwise": sharded}, report
+    # Whole tensors, in the canonical (out, in) layout; NorMuon keeps one value per row of
+    # each matrix, AdaMuon one per entry.
+    for mode, moment_shape in (("owner", None), ("replicated", (1, 6)), ("blockwise", (6, 8))):
+        stored = read_checkpoint(tmp_path / f"jax-{mode}.safetensors").tensors
+        assert stored["a/momentum_buffer"].shape == (6, 8)
+        assert getattr(stored.get("a/second_moment"), "shape", None) == moment_shape, mode
 
 
 # The multi-process JAX run: 2 processes with 2 CPU devices each, one 4-device mesh "data".
