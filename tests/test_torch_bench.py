@@ -23,7 +23,7 @@ def test_compare_on_tiny_gpt2_returns_one_row_per_measurement():
         [bench.PEER_NS] * 2
     assert [row["peer"] for row in bench.compare_on(shapes, rounds=1, ns_shapes=((8, 24),),
                                                     with_peer=False)] == \
-        [bench.PLAIN_NS] * 2 + [bench.PEER_FLOAT32] * 2
+        [bench.PLAIN_NS] * 2 + [bench.PEER_FLOAT32] * len(bench.FLOAT32_ROWS)
     for row in rows:
         assert set(row) == {"what", "ours_s", "peer_s", "ratio", "peer"}
         assert row["ours_s"] > 0 and row["peer_s"] > 0
@@ -121,8 +121,11 @@ def test_float32_accuracy_rows_cover_each_contenders_blocks():
     # torch layout: qkv 48x16 (three 16x16 blocks when split), proj 16x16, fc 64x16, 16x64
     fused = {(48, 16), (16, 16), (64, 16), (16, 64)}
     assert blocks == {bench.PEER_FLOAT32: fused, "full step, fp32 NS, same settings": fused,
-                      "full step, fp32 NS, our defaults (QKV split, gram)": fused - {(48, 16)}}
+                      "full step, fp32 NS, gram": fused,
+                      "full step, fp32 NS, our defaults (QKV split, gram)": fused - {(48, 16)},
+                      "full step, fp32 NS, our defaults, quintic x4": fused - {(48, 16)}}
     for row in rows:
-        # keller-5 keeps the kept directions' gains within (0, 2), away from the polar factor
+        # keller-5 and quintic-4 keep the kept directions' gains within (0, 2), away from the
+        # polar factor
         assert 0.0 < row["min_sigma"] <= row["max_sigma"] < 2.0
         assert row["distance"] < 1.0

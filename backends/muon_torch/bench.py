@@ -39,7 +39,10 @@ FLOAT32_SETTINGS = SETTINGS.replace(ns_dtype="float32")
 # Our defaults there: ns_dtype "auto" = float32, ns_algorithm "auto" = gram, QKV split.
 FLOAT32_DEFAULTS = FLOAT32_SETTINGS.replace(ns_algorithm="gram", split_qkv=True)
 FLOAT32_ROWS = {"full step, fp32 NS, same settings": FLOAT32_SETTINGS,
-                "full step, fp32 NS, our defaults (QKV split, gram)": FLOAT32_DEFAULTS}
+                "full step, fp32 NS, gram": FLOAT32_SETTINGS.replace(ns_algorithm="gram"),
+                "full step, fp32 NS, our defaults (QKV split, gram)": FLOAT32_DEFAULTS,
+                "full step, fp32 NS, our defaults, quintic x4":
+                    FLOAT32_DEFAULTS.replace(ns_coefficients="quintic", ns_steps=4)}
 
 
 def _float32_keller(grad: torch.Tensor, ns_coefficients: tuple[float, float, float],
