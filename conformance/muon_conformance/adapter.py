@@ -54,11 +54,12 @@ class BackendAdapter(Protocol):
     "portable_checkpoint", the `muon_core` checkpoint file (layout `"out_in"`);
     `owners(params, config, world_size) -> {name: rank}` for "owners", the rank that
     orthogonalizes each Muon matrix when the step is distributed;
-    `run_tensor_parallel(params, config, grads, world_size, cuts) -> params` for
-    "tensor_parallel", the final parameters after all steps on `world_size` tensor-parallel
-    ranks, each parameter named in `cuts` (`{name: axis}`) cut into contiguous pieces along
-    that axis (`muon_core.chunk_sizes`), one piece per rank, the others whole on every rank,
-    stepped in `config.tp_mode`.
+    `run_tensor_parallel(params, grads, world_size, runs) -> [params, ...]` for
+    "tensor_parallel": for each run `(config, cuts)` the final parameters after all steps on
+    `world_size` tensor-parallel ranks, each parameter named in `cuts` (`{name: axis}`) cut into
+    contiguous pieces along that axis (`muon_core.chunk_sizes`), one piece per rank, the others
+    whole on every rank, stepped in `config.tp_mode` (an adapter supporting only some
+    `tp_mode`s lists them in `tp_modes`).
     """
 
     name: str

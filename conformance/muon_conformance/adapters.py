@@ -187,6 +187,7 @@ class TorchAdapter:
                          "replicated_adamw": {"shard": "layerwise", "shard_adamw": False},
                          "dtensor": {"dtensor": True}}
     distributed_modes = tuple(DISTRIBUTED_MODES)
+    tp_modes = ("duplicated", "distributed", "blockwise")
 
     def __init__(self) -> None:
         self.muon_class = _require("muon_torch", "Muon", 'pip install "muon-core[torch]"')
@@ -356,9 +357,9 @@ def run_torch_workers(payload: Mapping[str, Any], world_size: int, timeout: floa
     "params", "grads" (per step, a dict or a list with one dict per rank), "config" (or
     "configs", one per rank), optional "shard", "shard_adamw", "dtensor" (DTensor parameters on
     a 1-d mesh, no process group), "group_ranks" (a subgroup instead of the world), "resume"
-    and "checkpoint" (torch.distributed.checkpoint folders to load the optimizer state from before the steps,
-    and to save it to after them), "portable_resume" and "portable_checkpoint" (the same with
-    portable checkpoint files, `muon_torch.load`/`save`)."""
+    and "checkpoint" (torch.distributed.checkpoint folders to load the optimizer state from
+    before the steps, and to save it to after them), "portable_resume" and
+    "portable_checkpoint" (the same with portable checkpoint files, `muon_torch.load`/`save`)."""
     with tempfile.TemporaryDirectory() as folder:
         inputs = Path(folder, "inputs.pkl")
         inputs.write_bytes(pickle.dumps({**payload, "world_size": world_size,

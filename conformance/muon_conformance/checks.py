@@ -151,9 +151,11 @@ def seeded_inputs(tier: str, steps: int, shapes: Mapping[str, Sequence[int]] = S
 
 
 def compare_trajectory(actual: Sequence[Mapping[str, np.ndarray]], expected: Sequence[tuple],
-                       initial: Mapping[str, np.ndarray], tol: Tolerance, where: Where) -> None:
-    """Compare the adapter's parameters after every step with the reference's."""
-    for step, (got, (want, _)) in enumerate(zip(actual, expected), start=1):
+                       initial: Mapping[str, np.ndarray], tol: Tolerance, where: Where,
+                       first: int = 1) -> None:
+    """Compare the adapter's parameters after every step with the reference's (`first`: the
+    number of the first step compared, for messages)."""
+    for step, (got, (want, _)) in enumerate(zip(actual, expected), start=first):
         for name, value in want.items():
             shape = np.shape(value)
             if name not in got:
@@ -630,7 +632,7 @@ def check_distributed(adapter: Any, world_size: int, where: Where) -> None:
                                         **({} if mode is None else {"mode": mode}))
         named = dataclasses.replace(where, case=f"{where.case}, {world_size} workers"
                                     + ("" if mode is None else f", mode {mode!r}"))
-        compare_trajectory([final], expected, params, where.tol, named)
+        compare_trajectory([final], expected, params, where.tol, named, first=len(grads))
 
 
 # -- tensor parallelism -----------------------------------------------------------------------
@@ -658,7 +660,7 @@ TP_STEPS = 3
 TP_PIECE_SCALE = 2.0**10
 
 
-def unequal_pieces(grads: Sequence[Mapping[str, np.ndarray]], cuts: Mapping[str, int],
+def _unequal_pieces(grads: Sequence[Mapping[str, np.ndarray]], cuts: Mapping[str, int],
                    world_size: int) -> list[dict[str, np.ndarray]]:
     """Copies of `grads` with the last of the `world_size` pieces of each parameter in `cuts`
     (`chunk_sizes` along its axis) multiplied by `TP_PIECE_SCALE`."""
@@ -675,7 +677,7 @@ def unequal_pieces(grads: Sequence[Mapping[str, np.ndarray]], cuts: Mapping[str,
 TP_MODES = ("duplicated", "distributed", "blockwise")
 
 
-def tp_run(config: MuonConfig, world_size: int) -> tuple[dict[str, int], Callable[..., tuple]]:
+def _tp_run(config: MuonConfig, world_size: int) -> tuple[dict[str, int], Callable[..., tuple]]:
     """The cuts of `TP_CUTS` that `config.tp_mode` steps, and the float64 step it must match:
     `reference_step`, or blockwise Muon's (`muon_core.blockwise_reference_step`)."""
     if config.tp_mode != "blockwise":
@@ -691,18 +693,19 @@ def check_tensor_parallel(adapter: Any, world_size: int, where: Where) -> None:
     """`run_tensor_parallel` on 2 ranks, the matrices of a small layer stack cut along rows or
     columns (evenly and not, along the longer and the shorter axis), ends after 3 steps where
     the float64 reference does with `tp_mode` "duplicated" and "distributed", and where blockwise
-    Muon's (`muon_core.blockwise_reference_step`) does with "blockwise" (float32)."""
-    configs = [where.config.replace(tp_mode=mode) for mode in TP_MODES]
-    runs = [tp_run(config, world_size) for config in configs]
+    Muon's (`muon_core.blockwise_reference_step`) does with "blockwise" (float32); an adapter
+    supporting only some modes lists them in `tp_modes`."""
+    modes = getattr(adapter, "tp_modes", TP_MODES)
+    configs = [where.config.replace(tp_mode=mode) for mode in modes]
+    cuts, steps = zip(*(_tp_run(config, world_size) for config in configs))
     params, grads = seeded_inputs(where.tier, TP_STEPS, TP_SHAPES)
-    grads = unequal_pieces(grads, TP_CUTS, world_size)
-    finals = adapter.run_tensor_parallel(params, grads, world_size,
-                                         [(config, cuts) for config, (cuts, _) in zip(configs, runs)])
-    for config, (_, step), final in zip(configs, runs, finals):
+    grads = _unequal_pieces(grads, TP_CUTS, world_size)
+    finals = adapter.run_tensor_parallel(params, grads, world_size, list(zip(configs, cuts)))
+    for config, step, final in zip(configs, steps, finals):
         expected = reference_trajectory(params, grads, config, step)[-1:]
         named = dataclasses.replace(where, config=config,
                                     case=f"{where.case}, {world_size} ranks, {config.tp_mode}")
-        compare_trajectory([final], expected, params, where.tol, named)
+        compare_trajectory([final], expected, params, where.tol, named, first=TP_STEPS)
 
 
 # -- QK-clip ----------------------------------------------------------------------------------
