@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from muon_core import (MuonConfig, QKRule, Rule, assign_owners, blockwise_reference_step,
-                       chunk_sizes, max_logits, orthogonalize, plan, reference_step)
+from muon_core import (TP_MODES, MuonConfig, QKRule, Rule, assign_owners,
+                       blockwise_reference_step, chunk_sizes, max_logits, orthogonalize, plan,
+                       reference_step)
 from muon_core import qk_clip as reference_qk_clip
 from muon_conformance.adapter import (
     BF16, CAPABILITIES, DISTRIBUTED, FLOAT64, LEGACY_STATE, LR_SCHEDULE, OWNERS, PARAM_GROUPS,
@@ -642,7 +643,7 @@ def check_distributed(adapter: Any, world_size: int, where: Where) -> None:
 # `ns_algorithm="auto"`, "distributed" takes the Gram form on the first two and the standard
 # iteration on the next two.
 TP_SHAPES = {"mlp.up.weight": (40, 16), "mlp.down.weight": (16, 40), "attn.o.weight": (20, 24),
-             "odd.weight": (27, 20), "short.weight": (12, 30), "attn.qkv.weight": (36, 20),
+             "odd.weight": (27, 20), "short.weight": (12, 30), "attn.qkv.weight": (60, 20),
              "mlp.up.bias": (40,), "norm.weight": (16,), "embed.weight": (30, 16)}
 TP_CUTS = {"mlp.up.weight": 0,      # column-parallel: rows cut, its longer axis
            "mlp.down.weight": 1,    # row-parallel: columns cut, its longer axis
@@ -654,27 +655,27 @@ TP_CUTS = {"mlp.up.weight": 0,      # column-parallel: rows cut, its longer axis
 # Blockwise Muon defines the step of cut plain matrices only: whole in the "blockwise" case.
 TP_WHOLE_IN_BLOCKWISE = ("attn.qkv.weight",)
 TP_STEPS = 3
-# The last piece of every cut gradient is scaled by this power of two, so that the pieces'
+# The last piece of these matrices' gradients is scaled by a power of two, so that the pieces'
 # largest entries lie in different binades: a rank that pre-scaled its piece by its own power
-# of two instead of the agreed one, or normalised it by its own norm, would change the matrix.
+# of two instead of the agreed one would change the matrix. The other matrices' pieces keep
+# equal magnitudes, where a norm reduced by a maximum instead of a sum would be off by sqrt(2).
+TP_UNEQUAL_PIECES = ("mlp.up.weight", "attn.o.weight")
 TP_PIECE_SCALE = 2.0**10
 
 
-def _unequal_pieces(grads: Sequence[Mapping[str, np.ndarray]], cuts: Mapping[str, int],
-                   world_size: int) -> list[dict[str, np.ndarray]]:
-    """Copies of `grads` with the last of the `world_size` pieces of each parameter in `cuts`
-    (`chunk_sizes` along its axis) multiplied by `TP_PIECE_SCALE`."""
+def _unequal_pieces(grads: Sequence[Mapping[str, np.ndarray]], world_size: int
+                    ) -> list[dict[str, np.ndarray]]:
+    """Copies of `grads` with the last of the `world_size` pieces (`chunk_sizes` along its axis
+    in `TP_CUTS`) of each parameter in `TP_UNEQUAL_PIECES` multiplied by `TP_PIECE_SCALE`."""
     out = []
     for grad in grads:
         grad = {name: np.array(g) for name, g in grad.items()}
-        for name, axis in cuts.items():
+        for name in TP_UNEQUAL_PIECES:
+            axis = TP_CUTS[name]
             start = sum(chunk_sizes(grad[name].shape[axis], world_size)[:-1])
             np.moveaxis(grad[name], axis, 0)[start:] *= TP_PIECE_SCALE
         out.append(grad)
     return out
-
-
-TP_MODES = ("duplicated", "distributed", "blockwise")
 
 
 def _tp_run(config: MuonConfig, world_size: int) -> tuple[dict[str, int], Callable[..., tuple]]:
@@ -699,7 +700,7 @@ def check_tensor_parallel(adapter: Any, world_size: int, where: Where) -> None:
     configs = [where.config.replace(tp_mode=mode) for mode in modes]
     cuts, steps = zip(*(_tp_run(config, world_size) for config in configs))
     params, grads = seeded_inputs(where.tier, TP_STEPS, TP_SHAPES)
-    grads = _unequal_pieces(grads, TP_CUTS, world_size)
+    grads = _unequal_pieces(grads, world_size)
     finals = adapter.run_tensor_parallel(params, grads, world_size, list(zip(configs, cuts)))
     for config, step, final in zip(configs, steps, finals):
         expected = reference_trajectory(params, grads, config, step)[-1:]
