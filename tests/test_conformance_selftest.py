@@ -14,8 +14,11 @@ import dataclasses
 import numpy as np
 import pytest
 
-from muon_core import from_matrices, lr_scale, ns_schedule, to_matrices
+from muon_core import (blockwise_reference_step, from_matrices, lr_scale, ns_schedule, plan,
+                       to_matrices)
+from muon_core._tensor_parallel import is_plain_matrix
 from muon_conformance import run_checks
+from muon_conformance.adapter import TENSOR_PARALLEL
 from muon_conformance.adapters import NumpyAdapter, StrictAdapter
 
 KELLER_TYPO = (3.4445, -4.7750, 2.0135)  # c should be 2.0315
@@ -177,3 +180,36 @@ def test_broken_adaptive_adapter_is_caught(broken):
     failures = run_checks(broken(), [check])
     assert case in failures, f"{broken.__name__} passed {check}: {sorted(failures)}"
     assert f"check {case}" in failures[case] and named in failures[case]
+
+
+class PiecesAlone(NumpyAdapter):
+    """Tensor parallelism in which each rank orthogonalizes its own piece whatever `tp_mode`
+    says: blockwise Muon (`muon_core.blockwise_reference_step`), right only for "blockwise"."""
+
+    capabilities = NumpyAdapter.capabilities | {TENSOR_PARALLEL}
+
+    def __init__(self, tp_modes=("duplicated", "distributed", "blockwise")):
+        self.tp_modes = tp_modes
+
+    def run_tensor_parallel(self, params, grads, world_size, runs):
+        finals = []
+        for config, cuts in runs:
+            entries = plan({name: p.shape for name, p in params.items()}, config).muon
+            pieces = {e.name: (cuts[e.name], world_size) for e in entries
+                      if e.name in cuts and is_plain_matrix(e)}
+            current, state = dict(params), None
+            for grad in grads:
+                current, state = blockwise_reference_step(current, grad, state, config, pieces)
+            finals.append(current)
+        return finals
+
+
+def test_pieces_orthogonalized_alone_are_caught_by_tensor_parallel():
+    failures = run_checks(PiecesAlone(), ["tensor_parallel"])
+    message = failures["tensor_parallel[defaults]"]
+    assert "2 ranks, duplicated" in message and "exceeds the" in message, message
+
+
+def test_blockwise_muon_passes_the_blockwise_tensor_parallel_mode():
+    # The same adapter is right where blockwise Muon is what the mode defines.
+    assert run_checks(PiecesAlone(tp_modes=("blockwise",)), ["tensor_parallel"]) == {}

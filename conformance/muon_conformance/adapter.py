@@ -20,8 +20,9 @@ PARAM_GROUPS = "param_groups"  # `make_groups(params, config, groups, lrs)`: opt
 LEGACY_STATE = "legacy_state"  # `save_legacy(handle)`: a snapshot in an older format
 PORTABLE = "portable_checkpoint"  # `save_portable(handle, path)`, `restore_portable(...)`
 OWNERS = "owners"             # `owners(params, config, world_size)`: each matrix's rank
+TENSOR_PARALLEL = "tensor_parallel"  # `run_tensor_parallel(...)`: cut matrices, each tp_mode
 CAPABILITIES = frozenset({BF16, FLOAT64, DISTRIBUTED, QK_CLIP, QK_MAX, LR_SCHEDULE,
-                          PARAM_GROUPS, LEGACY_STATE, PORTABLE, OWNERS})
+                          PARAM_GROUPS, LEGACY_STATE, PORTABLE, OWNERS, TENSOR_PARALLEL})
 
 
 @runtime_checkable
@@ -52,7 +53,13 @@ class BackendAdapter(Protocol):
     `save_portable(handle, path)` and `restore_portable(params, config, path) -> handle` for
     "portable_checkpoint", the `muon_core` checkpoint file (layout `"out_in"`);
     `owners(params, config, world_size) -> {name: rank}` for "owners", the rank that
-    orthogonalizes each Muon matrix when the step is distributed.
+    orthogonalizes each Muon matrix when the step is distributed;
+    `run_tensor_parallel(params, grads, world_size, runs) -> [params, ...]` for
+    "tensor_parallel": for each run `(config, cuts)` the final parameters after all steps on
+    `world_size` tensor-parallel ranks, each parameter named in `cuts` (`{name: axis}`) cut into
+    contiguous pieces along that axis (`muon_core.chunk_sizes`), one piece per rank, the others
+    whole on every rank, stepped in `config.tp_mode` (an adapter supporting only some
+    `tp_mode`s lists them in `tp_modes`).
     """
 
     name: str

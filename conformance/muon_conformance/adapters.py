@@ -6,6 +6,7 @@ adapter) never imports them.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import importlib
@@ -14,7 +15,7 @@ import pickle
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import numpy as np
 from muon_core import MuonConfig, Plan, plan, qk_clip, reference_step
 from muon_conformance.adapter import (
     BF16, DISTRIBUTED, FLOAT64, LEGACY_STATE, LR_SCHEDULE, OWNERS, PARAM_GROUPS, PORTABLE, QK_CLIP,
-    QK_MAX, BackendUnavailable,
+    QK_MAX, TENSOR_PARALLEL, BackendUnavailable,
 )
 
 
@@ -180,12 +181,13 @@ class TorchAdapter:
 
     name = "torch"
     capabilities = frozenset({BF16, FLOAT64, QK_CLIP, DISTRIBUTED, QK_MAX, LR_SCHEDULE,
-                              PARAM_GROUPS, LEGACY_STATE, PORTABLE, OWNERS})
+                              PARAM_GROUPS, LEGACY_STATE, PORTABLE, OWNERS, TENSOR_PARALLEL})
     # `Muon(process_group=...)` keywords of each way to distribute the step
     DISTRIBUTED_MODES = {"layerwise": {"shard": "layerwise"}, "zero1": {"shard": "zero1"},
                          "replicated_adamw": {"shard": "layerwise", "shard_adamw": False},
                          "dtensor": {"dtensor": True}}
     distributed_modes = tuple(DISTRIBUTED_MODES)
+    tp_modes = ("duplicated", "distributed", "blockwise")
 
     def __init__(self) -> None:
         self.muon_class = _require("muon_torch", "Muon", 'pip install "muon-core[torch]"')
@@ -324,6 +326,20 @@ class TorchAdapter:
                    "config": config.to_dict(), **self.DISTRIBUTED_MODES[mode]}
         return run_torch_workers(payload, world_size)[0]["params"]
 
+    def run_tensor_parallel(self, params: Mapping[str, Any], grads: Sequence[Mapping[str, Any]],
+                            world_size: int, runs: Sequence[tuple[MuonConfig, Mapping[str, int]]]
+                            ) -> list[dict]:
+        """The final parameters of each run `(config, cuts)`, all on the same `world_size` gloo
+        processes holding a 1-d device mesh named "tp": each parameter in `cuts` a DTensor
+        `Shard(axis)` on it (as `parallelize_module` shards column- and row-parallel layers),
+        the others plain tensors; `Muon` with no process group steps in `config.tp_mode`."""
+        payload = {"params": dict(params), "grads": [dict(g) for g in grads],
+                   "runs": [(config.to_dict(), dict(cuts)) for config, cuts in runs]}
+        outputs = run_torch_workers(payload, world_size, worker="torch_tensor_parallel_run")[0]
+        if "error" in outputs:
+            raise RuntimeError(outputs["error"])
+        return outputs["runs"]
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
@@ -334,22 +350,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_torch_workers(payload: Mapping[str, Any], world_size: int,
-                      timeout: float = 600) -> list[dict]:
-    """Run `torch_distributed_run` on `world_size` fresh interpreters joined by gloo on
-    127.0.0.1; returns each rank's outputs. `payload`: "params", "grads" (per step, a dict or
-    a list with one dict per rank), "config" (or "configs", one per rank), optional "shard",
-    "shard_adamw", "dtensor" (DTensor parameters on a 1-d mesh, no process group),
-    "group_ranks" (a subgroup instead of the world), "resume" and "checkpoint"
-    (torch.distributed.checkpoint folders to load the optimizer state from before the steps,
-    and to save it to after them), "portable_resume" and "portable_checkpoint" (the same with
-    portable checkpoint files, `muon_torch.load`/`save`)."""
+def run_torch_workers(payload: Mapping[str, Any], world_size: int, timeout: float = 600,
+                      worker: str = "torch_distributed_run") -> list[dict]:
+    """Run `worker` (a function of this module) on `world_size` fresh interpreters joined by
+    gloo on 127.0.0.1; returns each rank's outputs. `torch_distributed_run`'s `payload`:
+    "params", "grads" (per step, a dict or a list with one dict per rank), "config" (or
+    "configs", one per rank), optional "shard", "shard_adamw", "dtensor" (DTensor parameters on
+    a 1-d mesh, no process group), "group_ranks" (a subgroup instead of the world), "resume"
+    and "checkpoint" (torch.distributed.checkpoint folders to load the optimizer state from
+    before the steps, and to save it to after them), "portable_resume" and
+    "portable_checkpoint" (the same with portable checkpoint files, `muon_torch.load`/`save`)."""
     with tempfile.TemporaryDirectory() as folder:
         inputs = Path(folder, "inputs.pkl")
         inputs.write_bytes(pickle.dumps({**payload, "world_size": world_size,
                                          "port": free_port()}))
-        code = ("import sys; from muon_conformance.adapters import torch_distributed_run; "
-                "torch_distributed_run(sys.argv[1], sys.argv[2], int(sys.argv[3]))")
+        code = (f"import sys; from muon_conformance.adapters import {worker}; "
+                f"{worker}(sys.argv[1], sys.argv[2], int(sys.argv[3]))")
         env = dict(os.environ, OMP_NUM_THREADS="1")
         workers = [subprocess.Popen([sys.executable, "-c", code, str(inputs),
                                      str(Path(folder, f"out{rank}.pkl")), str(rank)], env=env,
@@ -373,38 +389,64 @@ def _load_checkpoint(opt: Any, folder: str) -> None:
     opt.load_state_dict(state)
 
 
-def _dtensor_placer(world_size: int) -> Callable[[np.ndarray], Any]:
-    """A function placing a numpy array as a DTensor on a 1-d CPU mesh of `world_size`: sharded
-    on its first axis (unevenly if need be), replicated when it is a scalar."""
+def _dtensor_placer(world_size: int, cuts: Mapping[str, int] | None = None
+                    ) -> Callable[[str, np.ndarray], Any]:
+    """A function placing a named numpy array on a 1-d CPU mesh of `world_size`. Without `cuts`
+    (FSDP2's layout): a DTensor sharded on its first axis (unevenly if need be), replicated
+    when it is a scalar. With `cuts` (tensor parallelism, the mesh dimension named "tp"): a
+    DTensor sharded along `cuts[name]`, or a plain tensor for a name not in `cuts`."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     import torch
 
-    mesh = init_device_mesh("cpu", (world_size,))
-    return lambda array: distribute_tensor(torch.tensor(array), mesh,
-                                           [Shard(0) if array.ndim else Replicate()])
+    names = None if cuts is None else ("tp",)  # FSDP2's mesh must not name its dimension "tp"
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=names)
+
+    def place(name: str, array: np.ndarray) -> Any:
+        tensor = torch.tensor(array)
+        if cuts is None:
+            return distribute_tensor(tensor, mesh, [Shard(0) if array.ndim else Replicate()])
+        return distribute_tensor(tensor, mesh, [Shard(cuts[name])]) if name in cuts else tensor
+    return place
 
 
-def torch_distributed_run(inputs: str, outputs: str, rank: int) -> None:
-    """One rank of `run_torch_workers`: gloo on 127.0.0.1, `Muon(process_group=WORLD)`, then
-    per step `reduce_gradients()` and `step()`; writes the parameters, or the error raised."""
+@contextlib.contextmanager
+def _gloo_rank(inputs: str, rank: int) -> Iterator[dict]:
+    """This rank of a gloo process group on 127.0.0.1 for the duration, one thread; yields the
+    pickled inputs."""
     from datetime import timedelta
 
     import torch
     import torch.distributed as dist
 
-    muon_class = _require("muon_torch", "Muon", 'pip install "muon-core[torch]"')
     data = pickle.loads(Path(inputs).read_bytes())
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{data['port']}", rank=rank,
                             world_size=data["world_size"], timeout=timedelta(seconds=60))
     try:
+        yield data
+    finally:
+        # every rank done before any tears gloo down: a rank that closed its connections while
+        # its peer was still finishing could make that peer's process terminate
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def torch_distributed_run(inputs: str, outputs: str, rank: int) -> None:
+    """One rank of `run_torch_workers`: gloo on 127.0.0.1, `Muon(process_group=WORLD)`, then
+    per step `reduce_gradients()` and `step()`; writes the parameters, or the error raised."""
+    import torch
+    import torch.distributed as dist
+
+    muon_class = _require("muon_torch", "Muon", 'pip install "muon-core[torch]"')
+    with _gloo_rank(inputs, rank) as data:
         config = MuonConfig.from_dict(data["configs"][rank] if "configs" in data
                                       else data["config"])
         params = data["params"][rank] if isinstance(data["params"], list) else data["params"]
-        place = _dtensor_placer(data["world_size"]) if data.get("dtensor") else torch.tensor
-        named = {n: torch.nn.Parameter(place(np.array(p))) for n, p in params.items()}
+        place = (_dtensor_placer(data["world_size"]) if data.get("dtensor")
+                 else lambda _, array: torch.tensor(array))
+        named = {n: torch.nn.Parameter(place(n, np.array(p))) for n, p in params.items()}
         try:
             group = (dist.new_group(data["group_ranks"]) if "group_ranks" in data
                      else dist.group.WORLD)
@@ -418,7 +460,7 @@ def torch_distributed_run(inputs: str, outputs: str, rank: int) -> None:
             for grads in data["grads"]:
                 grads = grads[rank] if isinstance(grads, list) else grads
                 for name, param in named.items():
-                    param.grad = place(np.array(grads[name]))
+                    param.grad = place(name, np.array(grads[name]))
                 if not data.get("dtensor"):
                     opt.reduce_gradients()
                 opt.step()
@@ -438,11 +480,33 @@ def torch_distributed_run(inputs: str, outputs: str, rank: int) -> None:
             "state_sizes": {opt.plan.entries[i].name: sum(t.numel() for t in opt.state[p].values())
                             for i, p in enumerate(named.values()) if opt.state.get(p)},
             "owners": None if owners is None else dict(owners.owner)}))
-    finally:
-        # every rank done before any tears gloo down: a rank that closed its connections while
-        # its peer was still finishing could make that peer's process terminate
-        dist.barrier()
-        dist.destroy_process_group()
+
+
+def torch_tensor_parallel_run(inputs: str, outputs: str, rank: int) -> None:
+    """One rank of `TorchAdapter.run_tensor_parallel`: for each run `(config, cuts)` a `Muon`
+    over parameters placed by `_dtensor_placer(world_size, cuts)`, stepped through "grads";
+    writes each run's whole parameters, or the error raised."""
+    import torch
+
+    muon_class = _require("muon_torch", "Muon", 'pip install "muon-core[torch]"')
+    with _gloo_rank(inputs, rank) as data:
+        finals = []
+        try:
+            for config, cuts in data["runs"]:
+                place = _dtensor_placer(data["world_size"], cuts)
+                named = {n: torch.nn.Parameter(place(n, np.array(p)))
+                         for n, p in data["params"].items()}
+                opt = muon_class(list(named.items()), MuonConfig.from_dict(config))
+                for grads in data["grads"]:
+                    for name, param in named.items():
+                        param.grad = place(name, np.array(grads[name]))
+                    opt.step()
+                finals.append({n: (p.full_tensor() if hasattr(p, "full_tensor") else p)
+                               .detach().numpy().copy() for n, p in named.items()})
+        except (ValueError, FloatingPointError) as exc:
+            Path(outputs).write_bytes(pickle.dumps({"error": f"{type(exc).__name__}: {exc}"}))
+            return
+        Path(outputs).write_bytes(pickle.dumps({"runs": finals}))
 
 
 @dataclasses.dataclass

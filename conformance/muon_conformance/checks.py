@@ -18,11 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from muon_core import MuonConfig, QKRule, Rule, assign_owners, max_logits, orthogonalize, plan
+from muon_core import (TP_MODES, MuonConfig, QKRule, Rule, assign_owners,
+                       blockwise_reference_step, chunk_sizes, max_logits, orthogonalize, plan,
+                       reference_step)
 from muon_core import qk_clip as reference_qk_clip
 from muon_conformance.adapter import (
     BF16, CAPABILITIES, DISTRIBUTED, FLOAT64, LEGACY_STATE, LR_SCHEDULE, OWNERS, PARAM_GROUPS,
-    PORTABLE, QK_CLIP, QK_MAX, unknown_capabilities,
+    PORTABLE, QK_CLIP, QK_MAX, TENSOR_PARALLEL, unknown_capabilities,
 )
 from muon_conformance.oracle import (
     NUMPY_DTYPES, STANDARD_RULES, STANDARD_SHAPES, TIERS, ConformanceFailure, Tolerance,
@@ -150,9 +152,11 @@ def seeded_inputs(tier: str, steps: int, shapes: Mapping[str, Sequence[int]] = S
 
 
 def compare_trajectory(actual: Sequence[Mapping[str, np.ndarray]], expected: Sequence[tuple],
-                       initial: Mapping[str, np.ndarray], tol: Tolerance, where: Where) -> None:
-    """Compare the adapter's parameters after every step with the reference's."""
-    for step, (got, (want, _)) in enumerate(zip(actual, expected), start=1):
+                       initial: Mapping[str, np.ndarray], tol: Tolerance, where: Where,
+                       first: int = 1) -> None:
+    """Compare the adapter's parameters after every step with the reference's (`first`: the
+    number of the first step compared, for messages)."""
+    for step, (got, (want, _)) in enumerate(zip(actual, expected), start=first):
         for name, value in want.items():
             shape = np.shape(value)
             if name not in got:
@@ -629,7 +633,80 @@ def check_distributed(adapter: Any, world_size: int, where: Where) -> None:
                                         **({} if mode is None else {"mode": mode}))
         named = dataclasses.replace(where, case=f"{where.case}, {world_size} workers"
                                     + ("" if mode is None else f", mode {mode!r}"))
-        compare_trajectory([final], expected, params, where.tol, named)
+        compare_trajectory([final], expected, params, where.tol, named, first=len(grads))
+
+
+# -- tensor parallelism -----------------------------------------------------------------------
+
+# A small tensor-parallel layer stack in torch layout, and the axis 2 ranks cut each of its
+# cut parameters along (the rest stay whole on every rank). With float32's default
+# `ns_algorithm="auto"`, "distributed" takes the Gram form on the first two and the standard
+# iteration on the next two.
+TP_SHAPES = {"mlp.up.weight": (40, 16), "mlp.down.weight": (16, 40), "attn.o.weight": (20, 24),
+             "odd.weight": (27, 20), "short.weight": (12, 30), "attn.qkv.weight": (60, 20),
+             "mlp.up.bias": (40,), "norm.weight": (16,), "embed.weight": (30, 16)}
+TP_CUTS = {"mlp.up.weight": 0,      # column-parallel: rows cut, its longer axis
+           "mlp.down.weight": 1,    # row-parallel: columns cut, its longer axis
+           "attn.o.weight": 1,      # row-parallel
+           "odd.weight": 0,         # uneven pieces: 14 + 13 rows
+           "short.weight": 0,       # cut along its shorter axis: "distributed" gathers it
+           "attn.qkv.weight": 0,    # fused QKV (three blocks), no plain matrix: gathered
+           "mlp.up.bias": 0}        # AdamW, updated piece by piece
+# Blockwise Muon defines the step of cut plain matrices only: whole in the "blockwise" case.
+TP_WHOLE_IN_BLOCKWISE = ("attn.qkv.weight",)
+TP_STEPS = 3
+# The last piece of these matrices' gradients is scaled by a power of two, so that the pieces'
+# largest entries lie in different binades: a rank that pre-scaled its piece by its own power
+# of two instead of the agreed one would change the matrix. The other matrices' pieces keep
+# equal magnitudes, where a norm reduced by a maximum instead of a sum would be off by sqrt(2).
+TP_UNEQUAL_PIECES = ("mlp.up.weight", "attn.o.weight")
+TP_PIECE_SCALE = 2.0**10
+
+
+def _unequal_pieces(grads: Sequence[Mapping[str, np.ndarray]], world_size: int
+                    ) -> list[dict[str, np.ndarray]]:
+    """Copies of `grads` with the last of the `world_size` pieces (`chunk_sizes` along its axis
+    in `TP_CUTS`) of each parameter in `TP_UNEQUAL_PIECES` multiplied by `TP_PIECE_SCALE`."""
+    out = []
+    for grad in grads:
+        grad = {name: np.array(g) for name, g in grad.items()}
+        for name in TP_UNEQUAL_PIECES:
+            axis = TP_CUTS[name]
+            start = sum(chunk_sizes(grad[name].shape[axis], world_size)[:-1])
+            np.moveaxis(grad[name], axis, 0)[start:] *= TP_PIECE_SCALE
+        out.append(grad)
+    return out
+
+
+def _tp_run(config: MuonConfig, world_size: int) -> tuple[dict[str, int], Callable[..., tuple]]:
+    """The cuts of `TP_CUTS` that `config.tp_mode` steps, and the float64 step it must match:
+    `reference_step`, or blockwise Muon's (`muon_core.blockwise_reference_step`)."""
+    if config.tp_mode != "blockwise":
+        return dict(TP_CUTS), reference_step
+    cuts = {name: axis for name, axis in TP_CUTS.items() if name not in TP_WHOLE_IN_BLOCKWISE}
+    muon = {entry.name for entry in plan(TP_SHAPES, config) if entry.is_muon}
+    return cuts, partial(blockwise_reference_step, cuts={
+        name: (axis, world_size) for name, axis in cuts.items() if name in muon})
+
+
+@_register("tensor_parallel", [Case("defaults", 2, needs=frozenset({TENSOR_PARALLEL}))])
+def check_tensor_parallel(adapter: Any, world_size: int, where: Where) -> None:
+    """`run_tensor_parallel` on 2 ranks, the matrices of a small layer stack cut along rows or
+    columns (evenly and not, along the longer and the shorter axis), ends after 3 steps where
+    the float64 reference does with `tp_mode` "duplicated" and "distributed", and where blockwise
+    Muon's (`muon_core.blockwise_reference_step`) does with "blockwise" (float32); an adapter
+    supporting only some modes lists them in `tp_modes`."""
+    modes = getattr(adapter, "tp_modes", TP_MODES)
+    configs = [where.config.replace(tp_mode=mode) for mode in modes]
+    cuts, steps = zip(*(_tp_run(config, world_size) for config in configs))
+    params, grads = seeded_inputs(where.tier, TP_STEPS, TP_SHAPES)
+    grads = _unequal_pieces(grads, world_size)
+    finals = adapter.run_tensor_parallel(params, grads, world_size, list(zip(configs, cuts)))
+    for config, step, final in zip(configs, steps, finals):
+        expected = reference_trajectory(params, grads, config, step)[-1:]
+        named = dataclasses.replace(where, config=config,
+                                    case=f"{where.case}, {world_size} ranks, {config.tp_mode}")
+        compare_trajectory([final], expected, params, where.tol, named, first=TP_STEPS)
 
 
 # -- QK-clip ----------------------------------------------------------------------------------

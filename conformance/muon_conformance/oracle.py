@@ -7,7 +7,7 @@ Newton-Schulz in float64, or with the float64 facts of docs/algorithm.md (refere
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -82,12 +82,15 @@ def cast(arrays: Mapping[str, np.ndarray], dtype: Any) -> Arrays:
 
 
 def reference_trajectory(params: Mapping[str, np.ndarray], grads: Sequence[Mapping[str, Any]],
-                         config: MuonConfig) -> list[tuple[Arrays, dict]]:
-    """(params, state) after each step of the float64 reference with float64 Newton-Schulz."""
+                         config: MuonConfig, step: Callable[..., tuple] = reference_step
+                         ) -> list[tuple[Arrays, dict]]:
+    """(params, state) after each step of the float64 reference with float64 Newton-Schulz
+    (`step`: `reference_step` or a function of the same arguments, such as
+    `blockwise_reference_step` with its cuts bound)."""
     config = config.replace(ns_dtype="float64")
     current, state, out = cast(params, np.float64), None, []
     for grad in grads:
-        current, state = reference_step(current, cast(grad, np.float64), state, config)
+        current, state = step(current, cast(grad, np.float64), state, config)
         out.append((current, state))
     return out
 
