@@ -9,8 +9,10 @@ import jax.numpy as jnp
 from jax import lax
 
 # A stack is transformed in at least this many chunks (fewer only when it has fewer matrices),
-# so the scratch of one chunk is a small part of the stack.
+# of at most CHUNK_BYTES each (but at least one matrix), so the scratch of one chunk is a small
+# part of the stack.
 CHUNKS = 8
+CHUNK_BYTES = 4 * 2**20
 
 
 def _typed_like_new(x: jax.Array) -> bool:
@@ -19,25 +21,45 @@ def _typed_like_new(x: jax.Array) -> bool:
     return jax.typeof(x).sharding == jax.typeof(jnp.zeros(x.shape, x.dtype)).sharding
 
 
-def stack_in_place(blocks: Sequence[jax.Array]) -> jax.Array:
+def _zero_after(x: jax.Array) -> jax.Array:
+    """A scalar 0 that XLA can compute only from `x`: a comparison no value passes (none exceeds
+    infinity, NaN included), which XLA does not fold, on the largest entry of `x`'s first row
+    (a reduction, so XLA computes it on its own rather than inside the consumer)."""
+    first = jnp.max(x[(0,) * (x.ndim - 1)])
+    return jnp.where(first > jnp.inf, first, jnp.zeros((), first.dtype))
+
+
+def waiting_for(done: jax.Array, *arrays: jax.Array) -> list[jax.Array]:
+    """`arrays`, every bit kept, computed only once `done` is: XLA's scheduler, which prefers
+    running independent work early, cannot then keep them alive alongside `done`'s inputs."""
+    zero = _zero_after(done)
+    return [jnp.where(zero == 0, a, zero.astype(a.dtype)) for a in arrays]
+
+
+def stack_in_place(blocks: Sequence[jax.Array], after: jax.Array | None = None) -> jax.Array:
     """`jnp.concatenate(blocks)`, each block written into the stack in turn, so XLA can
-    build it in place instead of keeping every (transposed) block as well. Blocks typed with
-    another sharding than a new array's (explicit meshes) are concatenated plainly: in-place
-    updates must match it exactly."""
+    build it in place instead of keeping every (transposed) block as well. With `after`, the
+    stack is begun only once `after` has been computed. Blocks typed with another sharding than
+    a new array's (explicit meshes) are concatenated plainly: in-place updates must match it
+    exactly."""
     if not all(_typed_like_new(b) for b in blocks):
-        return jnp.concatenate(blocks)
-    stack = jnp.zeros((sum(b.shape[0] for b in blocks), *blocks[0].shape[1:]), blocks[0].dtype)
-    start = 0
+        stack = jnp.concatenate(blocks)
+        return stack if after is None else waiting_for(after, stack)[0]
+    dtype = blocks[0].dtype
+    start = jnp.zeros((), dtype) if after is None else _zero_after(after).astype(dtype)
+    stack = jnp.broadcast_to(start, (sum(b.shape[0] for b in blocks), *blocks[0].shape[1:]))
+    offset = 0
     for block in blocks:
-        stack = lax.dynamic_update_slice_in_dim(stack, block, start, 0)
-        start += block.shape[0]
+        stack = lax.dynamic_update_slice_in_dim(stack, block, offset, 0)
+        offset += block.shape[0]
     return stack
 
 
-def chunk_size(batch: int, chunks: int = CHUNKS) -> int:
-    """The largest divisor of `batch` that cuts it into at least `chunks` pieces (1 when
-    `batch <= chunks`)."""
-    most = max(1, batch // chunks)
+def chunk_size(batch: int, matrix_bytes: int = 0, chunks: int = CHUNKS) -> int:
+    """The largest divisor of `batch` that cuts it into at least `chunks` pieces of at most
+    `CHUNK_BYTES` for matrices of `matrix_bytes` each (1 when `batch <= chunks` or a matrix
+    alone is larger)."""
+    most = max(1, min(batch // chunks, CHUNK_BYTES // max(matrix_bytes, 1)))
     return max(d for d in range(1, most + 1) if batch % d == 0)
 
 
@@ -48,7 +70,7 @@ def in_chunks(fn: Callable[..., jax.Array], stack: jax.Array, *per_matrix: jax.A
     `per_matrix` array) in a loop that writes each result back into the stack: the scratch
     is one chunk's, not the whole stack's. A stack typed with another sharding than a new
     array's (explicit meshes) goes whole."""
-    size = chunk_size(stack.shape[0], chunks)
+    size = chunk_size(stack.shape[0], stack[0].size * stack.dtype.itemsize, chunks)
     if size == stack.shape[0] or not _typed_like_new(stack):
         return fn(stack, *per_matrix)
 

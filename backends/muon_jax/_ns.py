@@ -16,7 +16,7 @@ import muon_core
 from muon_core import DeviceFacts, NSSchedule, ns_schedule, resolve_dtype
 from muon_core._ns import uses_gram
 
-from muon_jax._chunks import in_chunks, stack_in_place
+from muon_jax._chunks import in_chunks, stack_in_place, waiting_for
 
 
 @functools.cache
@@ -77,9 +77,14 @@ def _blocked_product(p: jax.Array, q: jax.Array, matmul: Any) -> jax.Array:
     m = p.shape[-2]
     strip = _strip_rows(m)
     pad = [(0, 0)] * (p.ndim - 2)
-    upper = jnp.concatenate(
-        [jnp.pad(matmul(p[..., s:s + strip, :], q[..., s:, :].mT), pad + [(0, 0), (s, 0)])
-         for s in range(0, m, strip)], axis=-2)
+    strips: list[jax.Array] = []
+    for s in range(0, m, strip):
+        rows, cols = p[..., s:s + strip, :], q[..., s:, :]
+        if strips:  # one strip's operand copies at a time
+            rows, cols = waiting_for(strips[-1], rows, cols)
+        strips.append(matmul(rows, cols.mT))
+    upper = jnp.concatenate([jnp.pad(x, pad + [(0, 0), (m - x.shape[-1], 0)]) for x in strips],
+                            axis=-2)
     # The upper triangle, mirrored: exactly symmetric, the diagonal blocks included.
     index = np.arange(m)
     return jnp.where(index[:, None] <= index[None, :], upper, upper.mT)
@@ -177,6 +182,10 @@ def _gram_iterations(gram: jax.Array, schedule: NSSchedule, symmetric: str = "fu
     return q
 
 
+def _stack_size(blocks: Sequence[jax.Array], indices: Sequence[int]) -> int:
+    return sum(blocks[i].size for i in indices)
+
+
 def orthogonalize_batch(blocks: Sequence[jax.Array], schedule: NSSchedule, eps: float,
                         dtype: Any, symmetric: str | None = None) -> list[jax.Array]:
     """Orthogonalize each `(batch, rows, cols)` block in `dtype`; results keep their inputs' dtype;
@@ -195,12 +204,14 @@ def orthogonalize_batch(blocks: Sequence[jax.Array], schedule: NSSchedule, eps: 
         groups.setdefault(block.shape[1:], []).append(index)
     results: list[Any] = [None] * len(blocks)
     symmetric = symmetric_products(symmetric)
-    for indices in groups.values():
-        stack = stack_in_place([oriented[i] for i in indices])
+    previous = None
+    for indices in sorted(groups.values(), key=lambda ix: -_stack_size(oriented, ix)):
+        stack = stack_in_place([oriented[i] for i in indices], after=previous)
         factors = _norm_factors(stack.astype(jnp.promote_types(dtype, jnp.float32)), schedule,
                                 eps)
         stacked = in_chunks(lambda x, *f: _newton_schulz(x, schedule, eps, symmetric, f),
                             stack, *factors)
+        previous = stacked
         ends = list(itertools.accumulate(oriented[i].shape[0] for i in indices))
         for i, piece in zip(indices, jnp.split(stacked, ends[:-1])):
             tall = blocks[i].shape[1] > blocks[i].shape[2]
