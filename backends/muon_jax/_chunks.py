@@ -29,24 +29,18 @@ def _zero_after(x: jax.Array) -> jax.Array:
     return jnp.where(first > jnp.inf, first, jnp.zeros((), first.dtype))
 
 
-def waiting_for(done: jax.Array, *arrays: jax.Array) -> list[jax.Array]:
-    """`arrays`, every bit kept, computed only once `done` is: XLA's scheduler, which prefers
-    running independent work early, cannot then keep them alive alongside `done`'s inputs."""
-    zero = _zero_after(done)
-    return [jnp.where(zero == 0, a, zero.astype(a.dtype)) for a in arrays]
-
-
 def stack_in_place(blocks: Sequence[jax.Array], after: jax.Array | None = None) -> jax.Array:
     """`jnp.concatenate(blocks)`, each block written into the stack in turn, so XLA can
     build it in place instead of keeping every (transposed) block as well. With `after`, the
     stack is begun only once `after` has been computed. Blocks typed with another sharding than
     a new array's (explicit meshes) are concatenated plainly: in-place updates must match it
     exactly."""
-    if not all(_typed_like_new(b) for b in blocks):
-        stack = jnp.concatenate(blocks)
-        return stack if after is None else waiting_for(after, stack)[0]
     dtype = blocks[0].dtype
     start = jnp.zeros((), dtype) if after is None else _zero_after(after).astype(dtype)
+    if not all(_typed_like_new(b) for b in blocks):
+        stack = jnp.concatenate(blocks)
+        # `start` is 0: the selection keeps every bit and waits for `after`.
+        return stack if after is None else jnp.where(start == 0, stack, start)
     stack = jnp.broadcast_to(start, (sum(b.shape[0] for b in blocks), *blocks[0].shape[1:]))
     offset = 0
     for block in blocks:

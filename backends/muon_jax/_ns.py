@@ -16,7 +16,7 @@ import muon_core
 from muon_core import DeviceFacts, NSSchedule, ns_schedule, resolve_dtype
 from muon_core._ns import uses_gram
 
-from muon_jax._chunks import in_chunks, stack_in_place, waiting_for
+from muon_jax._chunks import in_chunks, stack_in_place
 
 
 @functools.cache
@@ -77,14 +77,9 @@ def _blocked_product(p: jax.Array, q: jax.Array, matmul: Any) -> jax.Array:
     m = p.shape[-2]
     strip = _strip_rows(m)
     pad = [(0, 0)] * (p.ndim - 2)
-    strips: list[jax.Array] = []
-    for s in range(0, m, strip):
-        rows, cols = p[..., s:s + strip, :], q[..., s:, :]
-        if strips:  # one strip's operand copies at a time
-            rows, cols = waiting_for(strips[-1], rows, cols)
-        strips.append(matmul(rows, cols.mT))
-    upper = jnp.concatenate([jnp.pad(x, pad + [(0, 0), (m - x.shape[-1], 0)]) for x in strips],
-                            axis=-2)
+    upper = jnp.concatenate(
+        [jnp.pad(matmul(p[..., s:s + strip, :], q[..., s:, :].mT), pad + [(0, 0), (s, 0)])
+         for s in range(0, m, strip)], axis=-2)
     # The upper triangle, mirrored: exactly symmetric, the diagonal blocks included.
     index = np.arange(m)
     return jnp.where(index[:, None] <= index[None, :], upper, upper.mT)
