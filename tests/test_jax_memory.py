@@ -7,7 +7,7 @@ import pytest
 
 import muon_jax
 from muon_core import MuonConfig
-from muon_jax._chunks import CHUNK_BYTES, chunk_size
+from muon_jax._chunks import chunk_size
 
 
 def _scratch(tx, params) -> int:
@@ -42,7 +42,7 @@ def test_step_scratch_is_the_largest_stack_and_a_few_chunks(nonfinite, algorithm
     # first one's result is used, so the step needs the largest stack plus one chunk's scratch
     # (a chunk: 2 matrices, 16 cut in eight; its scratch: a few chunk-sized copies).
     stack = 16 * 128 * 512 * 4
-    chunk = chunk_size(16, 128 * 512 * 4) * 128 * 512 * 4
+    chunk = chunk_size(16) * 128 * 512 * 4
     tx = muon_jax.muon(MuonConfig(ns_dtype="float32", nonfinite=nonfinite,
                                   ns_algorithm=algorithm), layout="in_out")
     assert _scratch(tx, _mlp_and_attention()) <= stack + 4 * chunk
@@ -52,13 +52,3 @@ def test_step_scratch_is_the_largest_stack_and_a_few_chunks(nonfinite, algorithm
 def test_chunk_size_cuts_a_stack_into_at_least_eight_equal_chunks(batch, size):
     assert chunk_size(batch) == size
     assert batch % size == 0 and (batch // size >= 8 or size == 1)
-
-
-@pytest.mark.parametrize(("batch", "matrix_bytes", "size"), [
-    (24, 768 * 3072 * 4, 1),  # GPT-2 small's MLP matrices: 9 MiB each, one at a time
-    (48, 768 * 768 * 4, 1),  # its attention matrices: 2.25 MiB each
-    (64, 2**20, 4),  # 4 MiB chunks although 64 cut in eight would give 8
-    (64, 2**18, 8)])  # small matrices: eight chunks decide
-def test_chunk_size_keeps_a_chunk_within_chunk_bytes(batch, matrix_bytes, size):
-    assert CHUNK_BYTES == 4 * 2**20
-    assert chunk_size(batch, matrix_bytes) == size

@@ -9,10 +9,8 @@ import jax.numpy as jnp
 from jax import lax
 
 # A stack is transformed in at least this many chunks (fewer only when it has fewer matrices),
-# of at most CHUNK_BYTES each (but at least one matrix), so the scratch of one chunk is a small
-# part of the stack.
+# so the scratch of one chunk is a small part of the stack.
 CHUNKS = 8
-CHUNK_BYTES = 4 * 2**20
 
 
 def _typed_like_new(x: jax.Array) -> bool:
@@ -49,11 +47,10 @@ def stack_in_place(blocks: Sequence[jax.Array], after: jax.Array | None = None) 
     return stack
 
 
-def chunk_size(batch: int, matrix_bytes: int = 0, chunks: int = CHUNKS) -> int:
-    """The largest divisor of `batch` that cuts it into at least `chunks` pieces of at most
-    `CHUNK_BYTES` for matrices of `matrix_bytes` each (1 when `batch <= chunks` or a matrix
-    alone is larger)."""
-    most = max(1, min(batch // chunks, CHUNK_BYTES // max(matrix_bytes, 1)))
+def chunk_size(batch: int, chunks: int = CHUNKS) -> int:
+    """The largest divisor of `batch` that cuts it into at least `chunks` pieces (1 when
+    `batch <= chunks`)."""
+    most = max(1, batch // chunks)
     return max(d for d in range(1, most + 1) if batch % d == 0)
 
 
@@ -64,7 +61,7 @@ def in_chunks(fn: Callable[..., jax.Array], stack: jax.Array, *per_matrix: jax.A
     `per_matrix` array) in a loop that writes each result back into the stack: the scratch
     is one chunk's, not the whole stack's. A stack typed with another sharding than a new
     array's (explicit meshes) goes whole."""
-    size = chunk_size(stack.shape[0], stack[0].size * stack.dtype.itemsize, chunks)
+    size = chunk_size(stack.shape[0], chunks)
     if size == stack.shape[0] or not _typed_like_new(stack):
         return fn(stack, *per_matrix)
 

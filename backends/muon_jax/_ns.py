@@ -188,9 +188,11 @@ def orthogonalize_batch(blocks: Sequence[jax.Array], schedule: NSSchedule, eps: 
 
     Tall blocks are transposed so rows <= cols; blocks of one oriented shape are stacked
     along the batch axis, and Newton-Schulz runs over that stack a few matrices at a time, in
-    place (`in_chunks`), so its scratch stays a fraction of the stack. The Frobenius norms
-    are summed over the whole stack first (their rounding depends on the batch; the
-    products' does not), so the numbers equal one call on the whole stack.
+    place (`in_chunks`), so its scratch stays a fraction of the stack. The stacks go largest
+    first, each begun only once the previous one's result exists, so that XLA does not keep
+    two stacks alive at once. The Frobenius norms are summed over the whole stack first
+    (their rounding depends on the batch; the products' does not), so the numbers equal one
+    call on the whole stack.
     """
     oriented = [b.astype(dtype).mT if b.shape[1] > b.shape[2] else b.astype(dtype)
                 for b in blocks]
