@@ -22,16 +22,30 @@ def _scratch(tx, params) -> int:
     return compiled.memory_analysis().temp_size_in_bytes
 
 
+def _mlp_and_attention(layers: int = 8, width: int = 128) -> dict[str, tuple[int, int]]:
+    """Per layer an MLP pair (width x 4 width, 4 width x width) and four width x width
+    attention matrices, plus a large AdamW embedding whose moments a copying NaN/Inf gate
+    would duplicate."""
+    shapes = {"wte": (4096, width)}
+    for i in range(layers):
+        shapes |= {f"h.{i}.mlp.fc.weight": (width, 4 * width),
+                   f"h.{i}.mlp.proj.weight": (4 * width, width)}
+        shapes |= {f"h.{i}.attn.{k}.weight": (width, width) for k in "qkvo"}
+    return shapes
+
+
+@pytest.mark.parametrize("algorithm", ["standard", "gram"])
 @pytest.mark.parametrize("nonfinite", ["skip", "raise"])
-def test_step_scratch_is_within_twice_the_largest_stack(nonfinite):
-    # 16 MLP-like matrices of 128x512 (the 512x128 ones transposed): one stack of 16 x 128 x 512
-    # floats; a large AdamW embedding whose moments a copying NaN/Inf gate would duplicate.
-    shapes = {"wte": (4096, 128)}
-    for i in range(8):
-        shapes |= {f"h.{i}.mlp.fc.weight": (128, 512), f"h.{i}.mlp.proj.weight": (512, 128)}
+def test_step_scratch_is_the_largest_stack_and_a_few_chunks(nonfinite, algorithm):
+    # Two stacks: 16 MLP matrices of 128x512 (the 512x128 ones transposed, 4 MiB of floats)
+    # and 32 attention matrices of 128x128 (2 MiB). The second stack is built only after the
+    # first one's result is used, so the step needs the largest stack plus one chunk's scratch
+    # (a chunk: 2 matrices, 16 cut in eight; its scratch: a few chunk-sized copies).
     stack = 16 * 128 * 512 * 4
-    tx = muon_jax.muon(MuonConfig(ns_dtype="float32", nonfinite=nonfinite), layout="in_out")
-    assert _scratch(tx, shapes) <= 2 * stack
+    chunk = chunk_size(16) * 128 * 512 * 4
+    tx = muon_jax.muon(MuonConfig(ns_dtype="float32", nonfinite=nonfinite,
+                                  ns_algorithm=algorithm), layout="in_out")
+    assert _scratch(tx, _mlp_and_attention()) <= stack + 4 * chunk
 
 
 @pytest.mark.parametrize(("batch", "size"), [(24, 3), (48, 6), (13, 1), (4, 1), (1, 1), (64, 8)])

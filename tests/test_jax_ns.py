@@ -122,3 +122,16 @@ def test_symmetric_products_choice():
     assert symmetric_products() == expected
     with pytest.raises(ValueError, match="symmetric='syrk'"):
         orthogonalize(jnp.ones((3, 4)), symmetric="syrk")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_nonfinite_stack_leaves_the_next_stack_exact(bad):
+    # The largest stack is orthogonalized first and the next one waits for its result: a
+    # non-finite result must not leak into the next stack.
+    rng = np.random.default_rng(4)
+    finite = jnp.asarray(rng.normal(size=(1, 4, 6)), jnp.float32)
+    broken = jnp.full((3, 6, 8), bad, jnp.float32)
+    schedule = muon_core.ns_schedule("keller", 5)
+    _, got = orthogonalize_batch([broken, finite], schedule, 1e-7, jnp.float32)
+    np.testing.assert_array_equal(got, orthogonalize_batch([finite], schedule, 1e-7,
+                                                           jnp.float32)[0])

@@ -19,18 +19,31 @@ def _typed_like_new(x: jax.Array) -> bool:
     return jax.typeof(x).sharding == jax.typeof(jnp.zeros(x.shape, x.dtype)).sharding
 
 
-def stack_in_place(blocks: Sequence[jax.Array]) -> jax.Array:
+def _zero_after(x: jax.Array) -> jax.Array:
+    """A scalar 0 that XLA can compute only from `x`: a comparison no value passes (none exceeds
+    infinity, NaN included), which XLA does not fold, on the largest entry of `x`'s first row
+    (a reduction, so XLA computes it on its own rather than inside the consumer)."""
+    first = jnp.max(x[(0,) * (x.ndim - 1)])
+    return jnp.where(first > jnp.inf, first, jnp.zeros((), first.dtype))
+
+
+def stack_in_place(blocks: Sequence[jax.Array], after: jax.Array | None = None) -> jax.Array:
     """`jnp.concatenate(blocks)`, each block written into the stack in turn, so XLA can
-    build it in place instead of keeping every (transposed) block as well. Blocks typed with
-    another sharding than a new array's (explicit meshes) are concatenated plainly: in-place
-    updates must match it exactly."""
+    build it in place instead of keeping every (transposed) block as well. With `after`, the
+    stack is begun only once `after` has been computed. Blocks typed with another sharding than
+    a new array's (explicit meshes) are concatenated plainly: in-place updates must match it
+    exactly."""
+    dtype = blocks[0].dtype
+    start = jnp.zeros((), dtype) if after is None else _zero_after(after).astype(dtype)
     if not all(_typed_like_new(b) for b in blocks):
-        return jnp.concatenate(blocks)
-    stack = jnp.zeros((sum(b.shape[0] for b in blocks), *blocks[0].shape[1:]), blocks[0].dtype)
-    start = 0
+        stack = jnp.concatenate(blocks)
+        # `start` is 0: the selection keeps every bit and waits for `after`.
+        return stack if after is None else jnp.where(start == 0, stack, start)
+    stack = jnp.broadcast_to(start, (sum(b.shape[0] for b in blocks), *blocks[0].shape[1:]))
+    offset = 0
     for block in blocks:
-        stack = lax.dynamic_update_slice_in_dim(stack, block, start, 0)
-        start += block.shape[0]
+        stack = lax.dynamic_update_slice_in_dim(stack, block, offset, 0)
+        offset += block.shape[0]
     return stack
 
 

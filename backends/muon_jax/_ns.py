@@ -177,6 +177,10 @@ def _gram_iterations(gram: jax.Array, schedule: NSSchedule, symmetric: str = "fu
     return q
 
 
+def _stack_size(blocks: Sequence[jax.Array], indices: Sequence[int]) -> int:
+    return sum(blocks[i].size for i in indices)
+
+
 def orthogonalize_batch(blocks: Sequence[jax.Array], schedule: NSSchedule, eps: float,
                         dtype: Any, symmetric: str | None = None) -> list[jax.Array]:
     """Orthogonalize each `(batch, rows, cols)` block in `dtype`; results keep their inputs' dtype;
@@ -184,9 +188,11 @@ def orthogonalize_batch(blocks: Sequence[jax.Array], schedule: NSSchedule, eps: 
 
     Tall blocks are transposed so rows <= cols; blocks of one oriented shape are stacked
     along the batch axis, and Newton-Schulz runs over that stack a few matrices at a time, in
-    place (`in_chunks`), so its scratch stays a fraction of the stack. The Frobenius norms
-    are summed over the whole stack first (their rounding depends on the batch; the
-    products' does not), so the numbers equal one call on the whole stack.
+    place (`in_chunks`), so its scratch stays a fraction of the stack. The stacks go largest
+    first, each begun only once the previous one's result exists, so that XLA does not keep
+    two stacks alive at once. The Frobenius norms are summed over the whole stack first
+    (their rounding depends on the batch; the products' does not), so the numbers equal one
+    call on the whole stack.
     """
     oriented = [b.astype(dtype).mT if b.shape[1] > b.shape[2] else b.astype(dtype)
                 for b in blocks]
@@ -195,12 +201,14 @@ def orthogonalize_batch(blocks: Sequence[jax.Array], schedule: NSSchedule, eps: 
         groups.setdefault(block.shape[1:], []).append(index)
     results: list[Any] = [None] * len(blocks)
     symmetric = symmetric_products(symmetric)
-    for indices in groups.values():
-        stack = stack_in_place([oriented[i] for i in indices])
+    previous = None
+    for indices in sorted(groups.values(), key=lambda ix: -_stack_size(oriented, ix)):
+        stack = stack_in_place([oriented[i] for i in indices], after=previous)
         factors = _norm_factors(stack.astype(jnp.promote_types(dtype, jnp.float32)), schedule,
                                 eps)
         stacked = in_chunks(lambda x, *f: _newton_schulz(x, schedule, eps, symmetric, f),
                             stack, *factors)
+        previous = stacked
         ends = list(itertools.accumulate(oriented[i].shape[0] for i in indices))
         for i, piece in zip(indices, jnp.split(stacked, ends[:-1])):
             tall = blocks[i].shape[1] > blocks[i].shape[2]
