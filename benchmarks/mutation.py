@@ -128,15 +128,20 @@ def first_failure(output: str) -> str:
     return output.strip().splitlines()[-1][:300] if output.strip() else ""
 
 
+def describe(mutation) -> dict:
+    """Where a mutant is: file, operator, occurrence, line, enclosing definition."""
+    return {"module": str(mutation.module_path), "operator": mutation.operator_name,
+            "occurrence": int(mutation.occurrence), "line": mutation.start_pos[0],
+            "definition": mutation.definition_name}
+
+
 def run_mutant(item, command: str, timeout: float) -> dict:
     """Apply one mutant, run the suite, restore the file; return its record. A mutant of a type
     annotation only is recorded as "equivalent" without running the suite."""
     from cosmic_ray.mutating import mutate_and_test
 
     mutation = item.mutations[0]
-    record = {"module": str(mutation.module_path), "operator": mutation.operator_name,
-              "occurrence": int(mutation.occurrence), "line": mutation.start_pos[0],
-              "definition": mutation.definition_name}
+    record = describe(mutation)
     if annotation_only(mutation):
         return {**record, "outcome": "equivalent", "seconds": 0.0, "diff": "",
                 "failure": "type annotation only (never evaluated)"}
@@ -144,6 +149,12 @@ def run_mutant(item, command: str, timeout: float) -> dict:
     result = mutate_and_test(item.mutations, command, timeout)
     return {**record, "outcome": _outcome(result), "seconds": round(time.monotonic() - start, 1),
             "diff": result.diff or "", "failure": first_failure(result.output or "")}
+
+
+def skipped(item, reason: str) -> dict:
+    """The record of a mutant not run: it sits in code the suite never executes (`--skip`)."""
+    return {**describe(item.mutations[0]), "outcome": "skipped", "seconds": 0.0, "diff": "",
+            "failure": reason}
 
 
 def _outcome(result) -> str:
@@ -160,10 +171,12 @@ def summarise(records: list[dict]) -> str:
     killed = sum(r["outcome"] != "survived" for r in counted)
     low, high = wilson_interval(killed, len(counted))
     equivalent = sum(r["outcome"] == "equivalent" for r in records)
-    other = len(records) - len(counted) - equivalent
+    skipped_count = sum(r["outcome"] == "skipped" for r in records)
+    other = len(records) - len(counted) - equivalent - skipped_count
     return (f"{killed}/{len(counted)} killed ({killed / max(1, len(counted)):.1%}, 95% Wilson "
             f"interval {low:.1%} to {high:.1%}); {len(counted) - killed} survived; "
             f"{equivalent} equivalent (annotations) not counted"
+            + (f"; {skipped_count} skipped (code the suite never runs)" if skipped_count else "")
             + (f"; {other} not counted (incompetent or no mutation)" if other else ""))
 
 
@@ -227,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=math.inf,
                         help="start no mutant after this many seconds (the sample is then the "
                         "prefix of mutants run, still a random sample)")
+    parser.add_argument("--skip", metavar="REGEX", help="record mutants whose FILE:LINE "
+                        "matches as skipped without running the suite (code it never executes, "
+                        "e.g. the CUDA-only Triton kernel); they are left out of the score")
     parser.add_argument("--resume", action="store_true",
                         help="keep the records already in the output file, run only the rest")
     parser.add_argument("--no-baseline", action="store_true",
@@ -257,7 +273,12 @@ def main(argv: list[str] | None = None) -> int:
             if time.monotonic() - started > args.budget:
                 print(f"time budget spent: stopped before mutant {number}", flush=True)
                 break
-            record = run_mutant(item, shlex.join(command), args.timeout)
+            mutation = item.mutations[0]
+            if args.skip and re.search(args.skip, f"{mutation.module_path}:"
+                                                  f"{mutation.start_pos[0]}"):
+                record = skipped(item, f"not run: matches --skip {args.skip!r}")
+            else:
+                record = run_mutant(item, shlex.join(command), args.timeout)
             records.append(record)
             sink.write(json.dumps(record) + "\n")
             sink.flush()

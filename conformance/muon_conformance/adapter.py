@@ -39,8 +39,9 @@ class BackendAdapter(Protocol):
     `qk_clip(handle, qk_max, config) -> handle` for the "qk_clip" capability, QK-clip with
     `qk_max` (attention layer name -> numpy per-head maxima) as `muon_core.qk_clip` does it;
     `qk_max(q, k, scale=None, mask=None) -> numpy (heads,)` for "qk_max", the backend's own
-    measurement of the largest logit per query head, `q` `(batch, heads, queries, dim)` and `k`
-    `(batch, kv_heads, keys, dim)` as torch's attention takes them;
+    measurement of the largest logit per query head, `q` `(..., heads, queries, dim)` and `k`
+    `(..., kv_heads, keys, dim)` as torch's attention takes them (any number of leading axes,
+    none included);
     `make_scheduled(params, config, lrs) -> handle` for "lr_schedule", a handle whose step `i`
     uses the Muon and AdamW learning rates `lrs[i]` (a pair), set the way the backend's
     schedulers set them;

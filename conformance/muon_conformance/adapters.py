@@ -592,12 +592,12 @@ class JaxAdapter:
 
     def qk_max(self, q: np.ndarray, k: np.ndarray, scale: float | None = None,
                mask: np.ndarray | None = None) -> np.ndarray:
-        """`muon_jax.qk_max` with `q`, `k` moved to flax's `(batch, length, heads, dim)`."""
+        """`muon_jax.qk_max` with `q`, `k` moved to flax's `(..., length, heads, dim)`."""
         import jax.numpy as jnp
         import muon_jax
 
-        return np.array(muon_jax.qk_max(jnp.asarray(q.transpose(0, 2, 1, 3)),
-                                        jnp.asarray(k.transpose(0, 2, 1, 3)), scale,
+        return np.array(muon_jax.qk_max(jnp.asarray(np.swapaxes(q, -3, -2)),
+                                        jnp.asarray(np.swapaxes(k, -3, -2)), scale,
                                         None if mask is None else jnp.asarray(mask)))
 
     def save_portable(self, handle: JaxHandle, path: str) -> None:

@@ -884,20 +884,23 @@ def check_owners(adapter: Any, world_size: int, where: Where) -> None:
                                               "(muon_core.assign_owners)"))
 
 
-# case -> (batch, query heads, key heads, queries, keys, head dim, causal mask, scale)
+# case -> (batch, query heads, key heads, queries, keys, head dim, causal mask, scale); batch
+# None: no batch axis, `q` `(heads, queries, dim)` (the leading axes are any number, none too)
 QK_MAX_CASES = {"mha": (2, 4, 4, 5, 5, 8, False, None),
-                "gqa_causal": (3, 6, 2, 7, 7, 4, True, 0.3)}
+                "gqa_causal": (3, 6, 2, 7, 7, 4, True, 0.3),
+                "unbatched": (None, 4, 2, 6, 3, 5, False, None)}
 
 
 @_register("qk_max", [Case(name, name, needs=frozenset({QK_MAX})) for name in QK_MAX_CASES])
 def check_qk_max(adapter: Any, name: str, where: Where) -> None:
     """The backend's measurement of the largest logit per query head, from `q`, `k` in
-    torch's attention layout (with GQA, a causal mask and a given scale), matches
+    torch's attention layout (with GQA, a causal mask, a given scale, no batch axis), matches
     `muon_core.max_logits` in float64."""
     batch, heads, kv_heads, queries, keys, dim, causal, scale = QK_MAX_CASES[name]
+    lead = () if batch is None else (batch,)
     rng = np.random.default_rng(3)
-    q = rng.standard_normal((batch, heads, queries, dim)).astype(NUMPY_DTYPES[where.tier])
-    k = rng.standard_normal((batch, kv_heads, keys, dim)).astype(NUMPY_DTYPES[where.tier])
+    q = rng.standard_normal((*lead, heads, queries, dim)).astype(NUMPY_DTYPES[where.tier])
+    k = rng.standard_normal((*lead, kv_heads, keys, dim)).astype(NUMPY_DTYPES[where.tier])
     mask = np.tril(np.ones((queries, keys), dtype=bool)) if causal else None
     expected = max_logits(q.astype(np.float64), k.astype(np.float64), scale=scale, mask=mask)
     got = adapter.qk_max(q, k, scale=scale, mask=mask)
