@@ -689,14 +689,25 @@ def _tp_run(config: MuonConfig, world_size: int) -> tuple[dict[str, int], Callab
         name: (axis, world_size) for name, axis in cuts.items() if name in muon})
 
 
-@_register("tensor_parallel", [Case("defaults", 2, needs=frozenset({TENSOR_PARALLEL}))])
+def _tp_defined(config: MuonConfig, mode: str) -> bool:
+    """Blockwise Muon has no second moment and no cautious decay (`blockwise_reference_step`)."""
+    adaptive = config.second_moment != "none" or config.cautious_weight_decay
+    return not (mode == "blockwise" and adaptive)
+
+
+@_register("tensor_parallel", [
+    Case("defaults", 2, needs=frozenset({TENSOR_PARALLEL})),
+    Case("normuon_cautious", 2, base_config(second_moment="normuon", cautious_weight_decay=True),
+         needs=frozenset({TENSOR_PARALLEL}))])
 def check_tensor_parallel(adapter: Any, world_size: int, where: Where) -> None:
     """`run_tensor_parallel` on 2 ranks, the matrices of a small layer stack cut along rows or
     columns (evenly and not, along the longer and the shorter axis), ends after 3 steps where
     the float64 reference does with `tp_mode` "duplicated" and "distributed", and where blockwise
-    Muon's (`muon_core.blockwise_reference_step`) does with "blockwise" (float32); an adapter
+    Muon's (`muon_core.blockwise_reference_step`) does with "blockwise" (float32, not with a
+    second moment or cautious decay, which blockwise Muon does not define); an adapter
     supporting only some modes lists them in `tp_modes`."""
-    modes = getattr(adapter, "tp_modes", TP_MODES)
+    modes = [mode for mode in getattr(adapter, "tp_modes", TP_MODES)
+             if _tp_defined(where.config, mode)]
     configs = [where.config.replace(tp_mode=mode) for mode in modes]
     cuts, steps = zip(*(_tp_run(config, world_size) for config in configs))
     params, grads = seeded_inputs(where.tier, TP_STEPS, TP_SHAPES)
