@@ -622,7 +622,9 @@ def check_inputs_unchanged(adapter: Any, _: Any, where: Where) -> None:
 
 @_register("distributed", [Case(name, 2, base_config(**OPTIONS[name]),
                                 needs=frozenset({DISTRIBUTED}), slow=slow)
-                           for name, slow in (("defaults", False), ("sum_no_nesterov", True))])
+                           for name, slow in (("defaults", False), ("sum_no_nesterov", True))]
+           + [Case("normuon", 2, base_config(second_moment="normuon"),
+                   needs=frozenset({DISTRIBUTED}))])
 def check_distributed(adapter: Any, world_size: int, where: Where) -> None:
     """`run_distributed` on 2 workers, in each mode the adapter lists in `distributed_modes`
     (or its only one), ends where the single-process reference does after 5 steps (float32)."""
