@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from muon_cli.bench_cmd import format_rows, machine_header
+from muon_cli.bench_cmd import format_accuracy, format_rows, machine_header
 from muon_cli.benchtools import gpt2_shapes, interleaved_times, set_clock
 
 STRIPS = (128, 192, 256, 384)
@@ -78,11 +78,7 @@ def main() -> None:
     rows = bench.compare_on(shapes, args.rounds, 1, chosen)
     print(machine_header(args.rounds, 1) + f"; GPT-2 widths, {args.n_layer} layers\n", flush=True)
     print(format_rows([r | {"backend": "jax"} for r in rows]) + "\n", flush=True)
-    print("| shape (out x in) | contender | min sigma | max sigma | spectral distance |")
-    print("|---|---|---|---|---|")
-    for r in bench.accuracy_on(gpt2_shapes(n_layer=1)):
-        print(f"| {r['shape'][0]}x{r['shape'][1]} | {r['what']} | {r['min_sigma']:.3f} | "
-              f"{r['max_sigma']:.3f} | {r['distance']:.3f} |", flush=True)
+    print(format_accuracy(bench.accuracy_on(gpt2_shapes(n_layer=1)), "shape"), flush=True)
 
 
 if __name__ == "__main__":

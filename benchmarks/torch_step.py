@@ -16,7 +16,7 @@ import argparse
 import os
 
 import torch
-from muon_cli.bench_cmd import format_rows, machine_header
+from muon_cli.bench_cmd import format_accuracy, format_rows, machine_header
 from muon_cli.benchtools import gpt2_shapes, set_clock
 from muon_torch import bench
 
@@ -39,11 +39,7 @@ def main() -> None:
     print(f"after: {_load()}\n")
     print(machine_header(args.rounds, 1) + f"; GPT-2 widths, {args.n_layer} layers\n")
     print(format_rows([r | {"backend": "torch"} for r in rows]) + "\n", flush=True)
-    print("| block (out x in) | contender | min sigma | max sigma | spectral distance |")
-    print("|---|---|---|---|---|")
-    for r in bench.accuracy_on(gpt2_shapes(n_layer=1)):
-        print(f"| {r['shape'][0]}x{r['shape'][1]} | {r['what']} | {r['min_sigma']:.3f} | "
-              f"{r['max_sigma']:.3f} | {r['distance']:.3f} |", flush=True)
+    print(format_accuracy(bench.accuracy_on(gpt2_shapes(n_layer=1)), "block"), flush=True)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,16 @@ def _cpu_name() -> str:
     return names[0] if names else platform.processor() or "unknown CPU"
 
 
+def format_accuracy(rows: list[dict], first: str = "shape") -> str:
+    """A markdown table of `polar_errors` figures, one line per {"shape", "what", "min_sigma",
+    "max_sigma", "distance"} dict; `first` names the first column's matrices."""
+    lines = [f"| {first} (out x in) | contender | min sigma | max sigma | spectral distance |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['shape'][0]}x{r['shape'][1]} | {r['what']} | {r['min_sigma']:.3f} | "
+              f"{r['max_sigma']:.3f} | {r['distance']:.3f} |" for r in rows]
+    return "\n".join(lines)
+
+
 def format_rows(rows: list[dict]) -> str:
     """A markdown table of median times and the speed-up `peer time / our time` (above 1: ours
     faster)."""

@@ -210,6 +210,14 @@ def test_bench_table_shows_peer_over_ours():
     assert last.split("|")[-2].strip() == "2.50x" and "| 5.0 |" in last
 
 
+def test_accuracy_table_rounds_to_three_decimals_per_shape():
+    rows = [{"shape": (768, 3072), "what": "ours", "min_sigma": 0.68214, "max_sigma": 1.1336,
+             "distance": 0.31849}]
+    header, _, line = bench_cmd.format_accuracy(rows, "block").splitlines()
+    assert header.startswith("| block (out x in) |")
+    assert line == "| 768x3072 | ours | 0.682 | 1.134 | 0.318 |"
+
+
 def test_bench_reports_a_missing_backend(monkeypatch, capsys):
     monkeypatch.setitem(bench_cmd.BENCH_MODULES, "torch", "muon_no_such_module.bench")
     assert main(["bench", "--backend", "torch"]) == 1
