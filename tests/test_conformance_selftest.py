@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from muon_core import (blockwise_reference_step, from_matrices, lr_scale, ns_schedule, plan,
-                       to_matrices)
+                       reference_step, to_matrices)
 from muon_core._tensor_parallel import is_plain_matrix
 from muon_conformance import run_checks
 from muon_conformance.adapter import TENSOR_PARALLEL
@@ -184,7 +184,9 @@ def test_broken_adaptive_adapter_is_caught(broken):
 
 class PiecesAlone(NumpyAdapter):
     """Tensor parallelism in which each rank orthogonalizes its own piece whatever `tp_mode`
-    says: blockwise Muon (`muon_core.blockwise_reference_step`), right only for "blockwise"."""
+    says: blockwise Muon (`muon_core.blockwise_reference_step`), right only for "blockwise".
+    Blockwise Muon has no second moment, so adaptive configs take the whole-matrix reference
+    step: only the plain-Muon case tells the pieces apart."""
 
     capabilities = NumpyAdapter.capabilities | {TENSOR_PARALLEL}
 
@@ -198,8 +200,10 @@ class PiecesAlone(NumpyAdapter):
             pieces = {e.name: (cuts[e.name], world_size) for e in entries
                       if e.name in cuts and is_plain_matrix(e)}
             current, state = dict(params), None
+            adaptive = config.second_moment != "none" or config.cautious_weight_decay
             for grad in grads:
-                current, state = blockwise_reference_step(current, grad, state, config, pieces)
+                current, state = (reference_step(current, grad, state, config) if adaptive else
+                                  blockwise_reference_step(current, grad, state, config, pieces))
             finals.append(current)
         return finals
 

@@ -710,6 +710,8 @@ def check_tensor_parallel(adapter: Any, world_size: int, where: Where) -> None:
     supporting only some modes lists them in `tp_modes`."""
     modes = [mode for mode in getattr(adapter, "tp_modes", TP_MODES)
              if _tp_defined(where.config, mode)]
+    if not modes:  # only "blockwise" listed: nothing this config defines to compare
+        return
     configs = [where.config.replace(tp_mode=mode) for mode in modes]
     cuts, steps = zip(*(_tp_run(config, world_size) for config in configs))
     params, grads = seeded_inputs(where.tier, TP_STEPS, TP_SHAPES)
